@@ -1,0 +1,183 @@
+"""The three networks of ISDNet: the SU-Net segmenter S, the confidence network D and the importance network D0.
+
+All take and return NCHW tensors and work in channels-last memory format. Every architecture is described by a
+plain dict (``architecture()``) so that a model file can rebuild it with ``build_network``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAKY_SLOPE_SEGMENTER = 0.01
+LEAKY_SLOPE_DISCRIMINATOR = 0.2
+
+
+def _group_count(channels: int, groups: int) -> int:
+    """The largest divisor of ``channels`` not above ``groups``, so narrow test networks still normalise."""
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by group normalisation and leaky ReLU (the SU-Net's unit)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        layers: list[nn.Module] = []
+        for c_in in (in_channels, out_channels):
+            layers += [
+                nn.Conv2d(c_in, out_channels, 3, padding=1, bias=False),
+                nn.GroupNorm(_group_count(out_channels, groups), out_channels),
+                nn.LeakyReLU(LEAKY_SLOPE_SEGMENTER, inplace=True),
+            ]
+        super().__init__(*layers)
+
+
+class SUNet(nn.Module):
+    """S: Ronneberger's 2D U-Net with halved widths (32..512), group norm and leaky ReLU.
+
+    Any input size works: the input is padded up to a multiple of 2**(depth-1) and the output cropped back.
+    ``forward`` returns class logits; ``forward_features`` also returns Z(X), the bottleneck output that the
+    importance network D0 reads.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 32, depth: int = 5,
+                 groups: int = 8):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2 (background and one structure), got {num_classes}")
+        if depth < 2:
+            raise ValueError(f"depth must be at least 2, got {depth}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels,
+                           depth=depth, groups=groups)
+        widths = [base_channels * 2**i for i in range(depth)]
+        self.encoders = nn.ModuleList()
+        c_in = in_channels
+        for w in widths:
+            self.encoders.append(ConvBlock(c_in, w, groups))
+            c_in = w
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.upsamplers.append(nn.ConvTranspose2d(w * 2, w, 2, stride=2))
+            self.decoders.append(ConvBlock(w * 2, w, groups))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.feature_channels = widths[-1]
+        self.multiple = 2 ** (depth - 1)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, C, H, W) and bottleneck features Z(X) (N, 512, H/16, W/16 for the default depth)."""
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = encoder(x)
+            skips.append(x)
+        features = x
+        for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips[:-1])):
+            x = decoder(torch.cat([skip, upsample(x)], dim=1))
+        logits = self.head(x)[..., :h, :w]
+        return logits, features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+
+class ConfidenceNet(nn.Module):
+    """D: Hung et al.'s fully convolutional discriminator, returning a per-pixel confidence logit map.
+
+    Four 4x4 stride-2 convolutions (widths base, 2*base, 4*base, 8*base) with leaky ReLU 0.2, a 4x4 stride-2
+    classifier to one channel, and bilinear upsampling back to the input's size. Input: C-channel class
+    probabilities (S's softmax or a one-hot ground truth). Output: logits; sigmoid gives P(ground truth).
+    """
+
+    def __init__(self, num_classes: int = 2, base_channels: int = 64):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, base_channels=base_channels)
+        widths = [base_channels * 2**i for i in range(4)]
+        layers: list[nn.Module] = []
+        c_in = num_classes
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE_DISCRIMINATOR, True)]
+            c_in = w
+        layers.append(nn.Conv2d(c_in, 1, 4, stride=2, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        h, w = probabilities.shape[-2:]
+        # The five stride-2 layers need at least 32 pixels a side; smaller slices are padded.
+        pad_h, pad_w = max(0, 32 - h), max(0, 32 - w)
+        x = F.pad(probabilities, (0, pad_w, 0, pad_h)) if pad_h or pad_w else probabilities
+        logits = self.body(x)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+
+class ImageClassifierDiscriminator(nn.Module):
+    """The image-level discriminator of Luc et al. (the ``adv-classifier`` ablation): one logit per image.
+
+    The same strided convolutions as ``ConfidenceNet``, then global average pooling instead of a map.
+    """
+
+    def __init__(self, num_classes: int = 2, base_channels: int = 64):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, base_channels=base_channels)
+        self.fcn = ConfidenceNet(num_classes, base_channels)
+
+    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        h, w = probabilities.shape[-2:]
+        x = probabilities
+        if h < 32 or w < 32:
+            x = F.pad(x, (0, max(0, 32 - w), 0, max(0, 32 - h)))
+        return self.fcn.body(x).mean(dim=(2, 3), keepdim=True)
+
+
+class ImportanceNet(nn.Module):
+    """D0: an image-level classifier on Z(X): logit of "this sample comes from the labeled data".
+
+    Two 3x3 convolutions with leaky ReLU 0.2, global average pooling and a linear layer.
+    """
+
+    def __init__(self, in_channels: int = 512, width: int = 128):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, width=width)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE_DISCRIMINATOR, True),
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE_DISCRIMINATOR, True),
+        )
+        self.linear = nn.Linear(width // 2, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N,)."""
+        return self.linear(self.body(features).mean(dim=(2, 3))).squeeze(1)
+
+
+NETWORKS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (SUNet, ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet)
+}
+
+
+def architecture(network: nn.Module) -> dict[str, Any]:
+    """A JSON-ready description of ``network`` from which ``build_network`` rebuilds it."""
+    return {"name": type(network).__name__, **network.config}
+
+
+def build_network(description: dict[str, Any]) -> nn.Module:
+    """Rebuild a network from ``architecture()``'s description; unknown names or options raise ValueError."""
+    options = dict(description)
+    name = options.pop("name", None)
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; known: {sorted(NETWORKS)}")
+    try:
+        return NETWORKS[name](**options)
+    except TypeError as error:
+        raise ValueError(f"bad options for {name}: {error}") from None
