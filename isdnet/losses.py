@@ -1,0 +1,139 @@
+"""The losses of ISDNet, numbered as in the paper (Ning, Zhao, Qian).
+
+Each is a small ``nn.Module`` whose options are checked in ``__init__``. Shapes: probabilities and one-hot
+targets are (N, C, H, W); confidence logits are (N, 1, H, W); importance logits are (N,).
+
+Where the paper is ambiguous the choice is stated here and pinned by a test:
+- (2) is read as the usual weighted multi-class Dice, 1 - 2 sum_c w_c I_c / sum_c w_c U_c, with
+  I_c = sum_p Y^c Yhat^c and U_c = sum_p (Y^c + Yhat^c), plus a small smoothing term in both parts.
+- Losses on unlabeled samples carry a per-sample importance weight w, so (5) and (4) are computed per sample
+  (Dice over that sample's pixels, BCE averaged over its pixels), multiplied by w and averaged over the batch.
+  The labeled Dice (2) pools the whole batch, as usual for slice training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAPER_CLASS_WEIGHTS_3 = (0.2, 1.2, 2.2)
+
+
+def default_class_weights(num_classes: int) -> tuple[float, ...]:
+    """The paper's weights: plain Dice for 2 classes, 0.2/1.2/2.2 for 3 (background/organ/lesion), else 1 each."""
+    if num_classes == 3:
+        return PAPER_CLASS_WEIGHTS_3
+    return (1.0,) * num_classes
+
+
+class WeightedDiceLoss(nn.Module):
+    """(2) L_Dice: weighted multi-class Dice between probabilities and a one-hot target.
+
+    ``reduction="batch"`` pools all samples into one Dice (the labeled loss); ``"none"`` returns one Dice loss
+    per sample (used by (5), whose samples carry importance weights). An optional ``mask`` (N, 1, H, W) of 0/1
+    restricts the sums to the selected pixels; a sample with no selected pixel has loss 0.
+    """
+
+    def __init__(self, class_weights: Sequence[float], smooth: float = 1e-5, reduction: str = "batch"):
+        super().__init__()
+        weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
+        if weights.ndim != 1 or len(weights) < 2:
+            raise ValueError(f"class_weights needs one weight per class (at least 2), got {list(class_weights)}")
+        if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"class_weights must be finite, non-negative and not all zero, got {weights.tolist()}")
+        if smooth < 0:
+            raise ValueError(f"smooth must be non-negative, got {smooth}")
+        if reduction not in ("batch", "none"):
+            raise ValueError(f"reduction must be 'batch' or 'none', got {reduction!r}")
+        self.register_buffer("class_weights", weights)
+        self.smooth = smooth
+        self.reduction = reduction
+
+    def forward(self, probabilities: torch.Tensor, target: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if probabilities.shape != target.shape:
+            raise ValueError(f"probabilities {tuple(probabilities.shape)} and target {tuple(target.shape)} differ")
+        if probabilities.shape[1] != len(self.class_weights):
+            raise ValueError(f"{probabilities.shape[1]} channels but {len(self.class_weights)} class weights")
+        probabilities = probabilities.float()
+        target = target.float()
+        if mask is not None:
+            probabilities = probabilities * mask
+            target = target * mask
+        dims = (2, 3) if self.reduction == "none" else (0, 2, 3)
+        intersection = (probabilities * target).sum(dims)
+        union = probabilities.sum(dims) + target.sum(dims)
+        w = self.class_weights
+        numerator = 2 * (intersection * w).sum(-1) + self.smooth
+        denominator = (union * w).sum(-1) + self.smooth
+        return 1 - numerator / denominator
+
+
+def _bce_to(logits: torch.Tensor, value: float, per_sample: bool) -> torch.Tensor:
+    """BCE of logits against a constant label, averaged over everything or per sample."""
+    target = torch.full_like(logits, value)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return loss.flatten(1).mean(1) if per_sample else loss.mean()
+
+
+class ConfidenceNetLoss(nn.Module):
+    """(3) L_D = BCE(D(Y), 1) + BCE(D(S(X)), 0), per pixel, on labeled data with S's output detached."""
+
+    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        return _bce_to(real_logits, 1.0, False) + _bce_to(fake_logits, 0.0, False)
+
+
+class AdversarialLoss(nn.Module):
+    """(4) and (9): L_adv = BCE(D(S(X)), 1) per pixel; with ``weights`` (N,), each sample's loss is scaled (L_wadv).
+
+    Returns the mean over the batch of w_i * mean_p BCE_i; without weights, w = 1 (labeled samples).
+    """
+
+    def forward(self, fake_logits: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        per_sample = _bce_to(fake_logits, 1.0, True)
+        if weights is not None:
+            per_sample = per_sample * weights.detach().to(per_sample.dtype)
+        return per_sample.mean()
+
+
+class SemiSupervisedLoss(nn.Module):
+    """(5) and (8): L_semi, the Dice of (2) between Yhat and its own argmax, at pixels whose confidence passes T_semi.
+
+    The confidence is sigmoid(D(S(X))); only pixels with confidence strictly above ``threshold`` count. The
+    pseudo-label and the mask carry no gradient. With ``weights`` (N,), each sample's loss is scaled (L_wsemi).
+    """
+
+    def __init__(self, class_weights: Sequence[float], threshold: float = 0.1, smooth: float = 1e-5):
+        super().__init__()
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold (T_semi) must lie in [0, 1], got {threshold}")
+        self.threshold = threshold
+        self.dice = WeightedDiceLoss(class_weights, smooth=smooth, reduction="none")
+
+    def confident_mask(self, confidence_logits: torch.Tensor) -> torch.Tensor:
+        """1 where sigmoid(D(S(X))) > T_semi, else 0; (N, 1, H, W), no gradient."""
+        return (torch.sigmoid(confidence_logits.detach().float()) > self.threshold).float()
+
+    def forward(self, probabilities: torch.Tensor, confidence_logits: torch.Tensor,
+                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pseudo = F.one_hot(probabilities.detach().argmax(1), probabilities.shape[1]).permute(0, 3, 1, 2)
+        per_sample = self.dice(probabilities, pseudo, self.confident_mask(confidence_logits))
+        if weights is not None:
+            per_sample = per_sample * weights.detach().to(per_sample.dtype)
+        return per_sample.mean()
+
+
+class ImportanceNetLoss(nn.Module):
+    """(6) BCE(D0(Z(X_l)), 1) + BCE(D0(Z(X_unl)), 0), on features the caller has detached from S."""
+
+    def forward(self, labeled_logits: torch.Tensor, unlabeled_logits: torch.Tensor) -> torch.Tensor:
+        return _bce_to(labeled_logits, 1.0, False) + _bce_to(unlabeled_logits, 0.0, False)
+
+
+def importance_weights(importance_logits: torch.Tensor) -> torch.Tensor:
+    """(7) w(z) = 1 - D0(z) for unlabeled samples, detached: high for samples unlike the labeled data."""
+    return 1.0 - torch.sigmoid(importance_logits.detach().float())
