@@ -1,0 +1,243 @@
+"""Segmentation metrics: Dice per class, pooled ("global") Dice and the 95th-percentile Hausdorff distance.
+
+The Hausdorff distance follows MONAI's definition (``compute_hausdorff_distance(..., percentile=95)``) so
+numbers are comparable with published results: surface voxels are the voxels of a mask with a face
+neighbour outside it (the image border counts as outside); every surface voxel of one mask gets the
+Euclidean distance in mm to the nearest surface voxel of the other; the 95th percentile (linear
+interpolation) of each directed set is taken, and the larger of the two is the result.
+
+Reports use label values as JSON strings (``"1"``) for keys, and ``None`` where a value is undefined, so
+``json.dumps`` writes them without loss and strict JSON readers accept them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+PathLike = Union[str, Path]
+LABEL_MAP_ENDING = ".nii.gz"
+
+
+def _dice_counts(prediction: np.ndarray, truth: np.ndarray,
+                 labels: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+    """(|A∩B|, |A|, |B|) per label, counted without float copies of the volumes."""
+    counts = {}
+    for label in labels:
+        p = prediction == label
+        t = truth == label
+        counts[int(label)] = (int(np.count_nonzero(p & t)), int(np.count_nonzero(p)),
+                              int(np.count_nonzero(t)))
+    return counts
+
+
+def _dice_from_counts(intersection: int, size_prediction: int, size_truth: int) -> float:
+    total = size_prediction + size_truth
+    return 1.0 if total == 0 else 2.0 * intersection / total
+
+
+def dice_per_class(prediction: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice 2|A∩B| / (|A|+|B|) of each label between two integer label arrays of equal shape.
+
+    A label absent from both arrays gets Dice 1.0: the prediction agrees with the truth that it is not there.
+    """
+    prediction, truth = np.asarray(prediction), np.asarray(truth)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction and truth have different shapes: {prediction.shape} and {truth.shape}")
+    return {label: _dice_from_counts(*c) for label, c in _dice_counts(prediction, truth, labels).items()}
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with at least one face neighbour outside it; outside the array counts as outside."""
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for start in (0, 2):
+            window = [slice(1, -1)] * mask.ndim
+            window[axis] = slice(start, start + mask.shape[axis])
+            interior &= padded[tuple(window)]
+    return mask & ~interior
+
+
+def _directed_distances(source: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Distance in mm from each voxel of ``source`` to the nearest voxel of ``target`` (both boolean arrays).
+
+    Every voxel of ``target`` lies on its own contour (it is a surface), so the absolute signed Maurer
+    distance is the exact Euclidean distance to the nearest target voxel centre. The arrays are padded with
+    background first because ITK does not count the outside of the image as background.
+    """
+    source, target = np.pad(source, 1), np.pad(target, 1)
+    image = sitk.GetImageFromArray(target.astype(np.uint8))
+    image.SetSpacing([float(s) for s in spacing])
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return np.abs(sitk.GetArrayViewFromImage(distance)[source])
+
+
+def hausdorff95(prediction: sitk.Image, truth: sitk.Image, label: int) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm between the masks of ``label`` (MONAI's definition).
+
+    Distances use ``truth``'s spacing, anisotropic or not. Returns nan when either mask is empty, where the
+    distance is undefined.
+    """
+    if prediction.GetSize() != truth.GetSize():
+        raise ValueError(f"prediction and truth have different sizes: {prediction.GetSize()} and "
+                         f"{truth.GetSize()}")
+    p = sitk.GetArrayViewFromImage(prediction) == label
+    t = sitk.GetArrayViewFromImage(truth) == label
+    if not p.any() or not t.any():
+        return math.nan
+    # Crop to the union's bounding box plus one voxel: distances between surfaces do not change.
+    union = p | t
+    box = []
+    for axis in range(union.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(present[0]) - 1, 0), int(present[-1]) + 2))
+    surface_p, surface_t = _surface(p[tuple(box)]), _surface(t[tuple(box)])
+    spacing = truth.GetSpacing()
+    to_truth = _directed_distances(surface_p, surface_t, spacing)
+    to_prediction = _directed_distances(surface_t, surface_p, spacing)
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_prediction, 95)))
+
+
+@dataclass
+class CaseMetrics:
+    """Metrics of one case: Dice per label and HD95 (mm, nan where undefined) per foreground label."""
+
+    name: str
+    dice: dict[int, float]
+    hd95: dict[int, float]
+
+    @property
+    def mean_dice(self) -> float:
+        """Mean Dice over the foreground labels (all labels but 0)."""
+        return float(np.mean([v for label, v in self.dice.items() if label != 0]))
+
+
+def _json_number(value: float) -> Optional[float]:
+    return None if math.isnan(value) else float(value)
+
+
+def evaluate_cases(pairs: Iterable[tuple[str, sitk.Image, sitk.Image]],
+                   labels: Sequence[int]) -> dict[str, Any]:
+    """Score (name, prediction, truth) label maps and summarise them in a JSON-ready dict.
+
+    Dice is reported for every label in ``labels``, HD95 and means for the foreground ones (all but 0).
+    ``global_dice`` pools the voxels of all cases before dividing, as LiTS reports it, so large cases weigh
+    more. Keys are label values as strings; undefined values (HD95 of an empty mask) are ``None``.
+    """
+    labels = [int(label) for label in labels]
+    foreground = [label for label in labels if label != 0]
+    if not foreground:
+        raise ValueError("labels must contain at least one foreground label (a value other than 0)")
+    cases: list[CaseMetrics] = []
+    pooled = {label: [0, 0, 0] for label in labels}
+    for name, prediction, truth in pairs:
+        if prediction.GetSize() != truth.GetSize():
+            raise InputError(name, f"the prediction has size {prediction.GetSize()} but the ground truth has "
+                                   f"size {truth.GetSize()}; they must be on the same grid")
+        if not np.allclose(prediction.GetSpacing(), truth.GetSpacing(), rtol=1e-3):
+            raise InputError(name, f"the prediction has spacing {prediction.GetSpacing()} but the ground "
+                                   f"truth has spacing {truth.GetSpacing()}; they must be on the same grid")
+        counts = _dice_counts(sitk.GetArrayViewFromImage(prediction), sitk.GetArrayViewFromImage(truth),
+                              labels)
+        for label, c in counts.items():
+            pooled[label] = [a + b for a, b in zip(pooled[label], c)]
+        dice = {label: _dice_from_counts(*c) for label, c in counts.items()}
+        hd95 = {label: hausdorff95(prediction, truth, label) for label in foreground}
+        cases.append(CaseMetrics(name, dice, hd95))
+    if not cases:
+        raise ValueError("no cases to evaluate")
+    global_dice = {label: _dice_from_counts(*pooled[label]) for label in labels}
+    hd95_means = {}
+    for label in foreground:
+        defined = [c.hd95[label] for c in cases if not math.isnan(c.hd95[label])]
+        hd95_means[str(label)] = float(np.mean(defined)) if defined else None
+    return {
+        "cases": [{"name": c.name,
+                   "dice": {str(k): v for k, v in c.dice.items()},
+                   "hd95": {str(k): _json_number(v) for k, v in c.hd95.items()},
+                   "mean_dice": c.mean_dice} for c in cases],
+        "dice_per_class": {str(label): float(np.mean([c.dice[label] for c in cases])) for label in labels},
+        "dice": float(np.mean([c.mean_dice for c in cases])),
+        "global_dice": {str(label): v for label, v in global_dice.items()},
+        "global_dice_mean": float(np.mean([global_dice[label] for label in foreground])),
+        "hd95": hd95_means,
+    }
+
+
+def _case_name(path: Path) -> str:
+    return path.name[: -len(LABEL_MAP_ENDING)]
+
+
+def _read_label_map(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise InputError(path, f"cannot be read as a label map ({reason})") from None
+
+
+def _decathlon_truth(folder: Path) -> tuple[dict[str, Path], list[int]]:
+    """Label files by case name and foreground label values of a Decathlon dataset folder."""
+    path = folder / "dataset.json"
+    try:
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+        entries = [Path(entry["label"]) for entry in dataset["training"]]
+        names = dataset["labels"]
+        # Decathlon writes {"1": "liver"}, nnU-Net v2 writes {"liver": 1}.
+        if all(str(k).isdigit() for k in names):
+            values = [int(k) for k in names]
+        else:
+            values = [int(v) for v in names.values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(path, f"is not a valid Decathlon dataset description ({error!r})") from None
+    files = {_case_name(entry): (folder / entry).resolve() for entry in entries}
+    return files, sorted(v for v in values if v != 0)
+
+
+def evaluate_folders(pred_dir: PathLike, truth: PathLike,
+                     labels: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Evaluate every ``<case>.nii.gz`` label map of ``pred_dir`` against its ground truth.
+
+    ``truth`` is a folder of label maps with the same file names, or a Decathlon dataset folder
+    (``dataset.json`` and ``labelsTr/``). Without ``labels``, the foreground labels come from
+    ``dataset.json`` or, for a plain folder, from the values found in the ground truth files.
+    Returns ``evaluate_cases``'s report.
+    """
+    pred_dir, truth = Path(pred_dir), Path(truth)
+    for folder in (pred_dir, truth):
+        if not folder.is_dir():
+            raise InputError(folder, "is not a folder")
+    predictions = sorted(pred_dir.glob("*" + LABEL_MAP_ENDING))
+    if not predictions:
+        raise InputError(pred_dir, f"contains no {LABEL_MAP_ENDING} label maps")
+    if (truth / "dataset.json").is_file():
+        truth_files, dataset_labels = _decathlon_truth(truth)
+        labels = dataset_labels if labels is None else labels
+    else:
+        truth_files = {_case_name(p): p for p in truth.glob("*" + LABEL_MAP_ENDING)}
+    missing = [_case_name(p) for p in predictions if _case_name(p) not in truth_files]
+    if missing:
+        raise InputError(truth, f"has no ground truth for the predicted case(s) {', '.join(missing)}")
+    if labels is None:
+        found: set[int] = set()
+        for p in predictions:
+            image = _read_label_map(truth_files[_case_name(p)])
+            found.update(int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)))
+        labels = sorted(found - {0})
+        if not labels:
+            raise InputError(truth, "the ground truth label maps contain no foreground label")
+    # A generator, so that only one case is in memory at a time.
+    pairs = ((_case_name(p), _read_label_map(p), _read_label_map(truth_files[_case_name(p)]))
+             for p in predictions)
+    return evaluate_cases(pairs, labels)
