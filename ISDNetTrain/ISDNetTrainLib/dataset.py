@@ -1,0 +1,185 @@
+"""Export volumes and segmentation nodes of a scene to a dataset folder in the Decathlon layout.
+
+Label maps come from the Segmentations logic, in each volume's own geometry; voxels of both images and label
+maps go to disk through Slicer's own volume writer, so geometry is converted by Slicer itself (RAS to LPS).
+Class k (k = 1, 2, ...) is the k-th segment of the first labeled segmentation; every labeled segmentation must
+hold the same segment names, otherwise the export stops and names the volume and the differing names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import slicer
+import slicer.util
+import vtk
+
+from ISDNetLib.volumes import NodeError, require_image_data, temporary_nodes, write_volume
+
+FILE_ENDING = ".nii.gz"
+MAX_CLASSES = 255  # label maps are uint8
+
+
+@dataclass
+class SegmentClass:
+    """One class of the dataset: its label value, the segment name and colour (0-255) it came from."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass
+class ExportedDataset:
+    """What ``export_dataset`` wrote: the folder, the classes and the case names."""
+
+    folder: Path
+    classes: list[SegmentClass]
+    labeled_cases: list[str]
+    unlabeled_cases: list[str]
+
+
+def segment_names(segmentation_node: Any) -> list[str]:
+    """The segment names of a segmentation node, in the node's order."""
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def dataset_classes(labeled: Sequence[tuple[Any, Any]]) -> list[SegmentClass]:
+    """The classes of the labeled pairs, checked to agree; raises NodeError naming what disagrees."""
+    if not labeled:
+        raise ValueError("at least one labeled volume (a volume with a segmentation) is needed for training")
+    reference_volume, reference = labeled[0]
+    names = _checked_names(reference_volume, reference)
+    for volume, segmentation_node in labeled[1:]:
+        other = _checked_names(volume, segmentation_node)
+        if set(other) != set(names):
+            missing = sorted(set(names) - set(other))
+            extra = sorted(set(other) - set(names))
+            details = "; ".join(part for part in (
+                f"missing {', '.join(map(repr, missing))}" if missing else "",
+                f"not in the others {', '.join(map(repr, extra))}" if extra else "") if part)
+            raise NodeError(volume, f"its segmentation '{segmentation_node.GetName()}' has segments {other}, "
+                                    f"but '{reference.GetName()}' (of '{reference_volume.GetName()}') has {names}: "
+                                    f"{details}. Rename the segments so that all labeled volumes use the same names.")
+    segmentation = reference.GetSegmentation()
+    classes = []
+    for value, name in enumerate(names, start=1):
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+        color = tuple(int(round(255 * max(0.0, min(1.0, c)))) for c in segment.GetColor())
+        classes.append(SegmentClass(value, name, color))  # type: ignore[arg-type]
+    return classes
+
+
+def _checked_names(volume: Any, segmentation_node: Any) -> list[str]:
+    if segmentation_node is None:
+        raise NodeError(volume, "a labeled volume needs a segmentation node")
+    names = segment_names(segmentation_node)
+    if not names:
+        raise NodeError(segmentation_node, f"the segmentation of '{volume.GetName()}' has no segments")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise NodeError(segmentation_node, f"segment names must be unique, repeated: {duplicates}")
+    if "background" in (n.lower() for n in names):
+        raise NodeError(segmentation_node, "a segment is named 'background', which is reserved for label 0")
+    if len(names) > MAX_CLASSES:
+        raise NodeError(segmentation_node, f"{len(names)} segments; at most {MAX_CLASSES} are supported")
+    return names
+
+
+def label_array(scene: Any, volume: Any, segmentation_node: Any, names: Sequence[str]) -> np.ndarray:
+    """The segments ``names`` as one uint8 label map (k, j, i) on exactly ``volume``'s grid; name k-1 gets k.
+
+    Where segments overlap, the later name wins.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    ids = vtk.vtkStringArray()
+    for name in names:
+        ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(name))
+    with temporary_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__isdnet_export__")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, volume):
+            raise NodeError(segmentation_node, f"its segments could not be exported on the grid of "
+                                               f"'{volume.GetName()}'")
+        labels = slicer.util.arrayFromVolume(labelmap)
+    expected = slicer.util.arrayFromVolume(volume).shape
+    if labels.shape != expected:
+        raise NodeError(segmentation_node, f"exported label map {labels.shape} differs from the volume {expected}")
+    if not labels.any():
+        raise NodeError(segmentation_node, f"the segmentation is empty inside '{volume.GetName()}': paint at least "
+                                           "one segment within the volume, or use the volume as unlabeled")
+    return labels.astype(np.uint8)
+
+
+def write_label_map(scene: Any, labels: np.ndarray, volume: Any, path: Path) -> None:
+    """Write a uint8 label map on ``volume``'s grid through a temporary label map node."""
+    with temporary_nodes(scene):
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__isdnet_labels__")
+        slicer.util.updateVolumeFromArray(node, labels)
+        node.CopyOrientation(volume)
+        write_volume(node, path)
+
+
+def case_names(volumes: Sequence[Any]) -> list[str]:
+    """File-safe, unique case names from the volumes' names."""
+    names: list[str] = []
+    for volume in volumes:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", volume.GetName()).strip("._") or "case"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+def export_dataset(scene: Any, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], folder: Path,
+                   name: str = "ISDNet") -> ExportedDataset:
+    """Write ``folder``/dataset.json, imagesTr/, labelsTr/ and imagesUnl/ from the scene's nodes.
+
+    ``labeled``: (volume node, segmentation node) pairs; ``unlabeled``: volume nodes. Everything is checked
+    before anything is written, and earlier exports in the folder are replaced.
+    """
+    folder = Path(folder)
+    classes = dataset_classes(labeled)
+    volumes = [volume for volume, _ in labeled] + list(unlabeled)
+    if len({id(v) for v in volumes}) != len(volumes):
+        raise ValueError("a volume is listed more than once (as labeled and unlabeled, or twice)")
+    for volume in volumes:
+        require_image_data(volume)
+    names = case_names(volumes)
+    labeled_names, unlabeled_names = names[:len(labeled)], names[len(labeled):]
+    label_maps = [label_array(scene, volume, seg, [c.name for c in classes]) for volume, seg in labeled]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub in ("imagesTr", "labelsTr", "imagesUnl"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+        (folder / sub).mkdir()
+    training = []
+    for (volume, _), labels, case in zip(labeled, label_maps, labeled_names):
+        write_volume(volume, folder / "imagesTr" / f"{case}{FILE_ENDING}")
+        write_label_map(scene, labels, volume, folder / "labelsTr" / f"{case}{FILE_ENDING}")
+        training.append({"image": f"./imagesTr/{case}{FILE_ENDING}", "label": f"./labelsTr/{case}{FILE_ENDING}"})
+    for volume, case in zip(unlabeled, unlabeled_names):
+        write_volume(volume, folder / "imagesUnl" / f"{case}{FILE_ENDING}")
+    description = {
+        "name": name,
+        "description": "Exported from 3D Slicer by ISDNetTrain",
+        "tensorImageSize": "3D",
+        "channel_names": {"0": "image"},
+        "labels": {"0": "background", **{str(c.value): c.name for c in classes}},
+        "colors": {str(c.value): list(c.color) for c in classes},
+        "numTraining": len(training),
+        "file_ending": FILE_ENDING,
+        "training": training,
+        "unlabeled": [f"./imagesUnl/{case}{FILE_ENDING}" for case in unlabeled_names],
+    }
+    (folder / "dataset.json").write_text(json.dumps(description, indent=2))
+    return ExportedDataset(folder, classes, labeled_names, unlabeled_names)

@@ -1,0 +1,293 @@
+"""TrainLogic: export the scene, run ``isdnet train`` as a child process, follow its progress in plot nodes.
+
+The logic never blocks: ``start``/``resume`` launch the child through a process runner, and the caller (a QTimer
+in the widget, a loop in the tests) calls ``poll()``, which reads the new JSON progress lines, updates
+``status`` and fills a table node with one row per epoch, drawn by plot series in a chart node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import vtk
+
+from ISDNetLib.runner import ProcessRunner, engine_environment, parse_event, python_executable
+
+from .dataset import ExportedDataset, export_dataset
+
+METHODS = ("isdnet", "hung", "adv", "adv-classifier", "baseline")
+SLICE_AXES = ("auto", "x", "y", "z")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LOSS_TITLES = {"dice": "Dice loss", "adv": "adversarial loss", "semi": "semi-supervised loss",
+               "d": "confidence net loss", "d0": "importance net loss"}
+VAL_DICE = "val_dice"
+SERIES_COLORS = ((0.85, 0.2, 0.2), (0.2, 0.45, 0.85), (0.2, 0.7, 0.3), (0.85, 0.55, 0.1), (0.55, 0.3, 0.75),
+                 (0.4, 0.4, 0.4))
+LOG_TAIL_LINES = 15
+
+
+@dataclass
+class TrainingOptions:
+    """The training options the module shows; the defaults are the engine's (the paper's) defaults."""
+
+    method: str = "isdnet"
+    epochs: int = 40
+    lambda_adv: float = 0.001
+    lambda_semi: float = 1.0
+    t_semi: float = 0.1
+    slice_axis: str = "auto"
+    device: str = "auto"
+    extra_arguments: list[str] = field(default_factory=list)  # any other ``isdnet train`` option
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option out of range."""
+        for name, value, allowed in (("method", self.method, METHODS), ("slice axis", self.slice_axis, SLICE_AXES),
+                                     ("device", self.device, DEVICES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1; got {self.epochs}")
+        if self.lambda_adv < 0 or self.lambda_semi < 0:
+            raise ValueError("the loss weights (lambda) must not be negative")
+        if not 0.0 <= self.t_semi <= 1.0:
+            raise ValueError(f"T_semi must lie between 0 and 1; got {self.t_semi}")
+
+    def arguments(self) -> list[str]:
+        """The ``isdnet train`` options for these settings."""
+        return ["--method", self.method, "--epochs", str(self.epochs), "--lambda-adv", repr(self.lambda_adv),
+                "--lambda-semi", repr(self.lambda_semi), "--t-semi", repr(self.t_semi),
+                "--slice-axis", self.slice_axis, "--device", self.device, *self.extra_arguments]
+
+
+@dataclass
+class TrainingStatus:
+    """Where the training stands, for the widget's progress bar and messages.
+
+    ``state`` is one of idle, running, done, stopped, failed.
+    """
+
+    state: str = "idle"
+    epoch: int = 0
+    epochs: int = 0
+    iteration: int = 0
+    iterations: int = 0
+    eta_s: Optional[float] = None
+    elapsed_s: Optional[float] = None
+    best_val_dice: Optional[float] = None
+    model_path: Optional[str] = None
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """Share of the work done, 0 to 1."""
+        if self.state == "done":
+            return 1.0
+        if not self.epochs or not self.iterations:
+            return 0.0
+        return min(1.0, ((self.epoch - 1) + self.iteration / self.iterations) / self.epochs)
+
+    def describe(self) -> str:
+        """One line for the progress bar: epoch, iteration and time left."""
+        if self.state != "running" or not self.epochs:
+            return self.message
+        text = f"Epoch {max(self.epoch, 1)}/{self.epochs}"
+        if self.iterations:
+            text += f", iteration {self.iteration}/{self.iterations}"
+        if self.eta_s is not None:
+            minutes, seconds = divmod(int(round(self.eta_s)), 60)
+            hours, minutes = divmod(minutes, 60)
+            text += f", {hours}h{minutes:02d}m left" if hours else f", {minutes}m{seconds:02d}s left"
+        return text
+
+
+def checkpoint_path(model_path: Path) -> Path:
+    """The engine's resumable checkpoint beside a model file (``name.checkpoint.safetensors``)."""
+    model_path = Path(model_path)
+    stem = model_path.name[:-len(".safetensors")] if model_path.name.endswith(".safetensors") else model_path.name
+    return model_path.with_name(stem + ".checkpoint.safetensors")
+
+
+class TrainLogic:
+    """Runs one training at a time for a scene; the plot nodes it makes are reused across runs."""
+
+    def __init__(self, scene: Any, runner: Optional[ProcessRunner] = None, python: Optional[str] = None):
+        self.scene = scene
+        self.runner = runner or ProcessRunner()
+        self.python = python or python_executable()
+        self.status = TrainingStatus()
+        self.history: dict[int, dict[str, float]] = {}
+        self.table_node: Any = None
+        self.chart_node: Any = None
+        self._job: Optional[tuple[Path, Path, TrainingOptions]] = None
+        self._error_message = ""
+        self._stopped = False
+
+    # ----- data
+    def export_dataset(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], folder: Path
+                       ) -> ExportedDataset:
+        """Write the dataset folder (Decathlon layout) the engine trains on; see ``dataset.export_dataset``."""
+        return export_dataset(self.scene, labeled, unlabeled, Path(folder))
+
+    # ----- the child process
+    def command(self, dataset_folder: Path, model_path: Path, options: TrainingOptions, resume: bool = False
+                ) -> list[str]:
+        """The command line of the training child."""
+        args = [self.python, "-m", "isdnet", "train", str(dataset_folder), "--out", str(model_path),
+                "--progress-json", *options.arguments()]
+        return args + ["--resume"] if resume else args
+
+    def log_path(self, model_path: Path) -> Path:
+        """The training log, written beside the model."""
+        return Path(model_path).with_suffix(".log")
+
+    def start(self, dataset_folder: Path, model_path: Path, options: TrainingOptions, resume: bool = False) -> None:
+        """Start training on an exported dataset folder; with ``resume``, continue from the last checkpoint."""
+        options.validate()
+        if not (Path(dataset_folder) / "dataset.json").is_file():
+            raise ValueError(f"{dataset_folder}: no dataset.json here; export the dataset first")
+        if resume and not checkpoint_path(model_path).is_file():
+            raise ValueError(f"{checkpoint_path(model_path)}: there is no checkpoint to resume from")
+        Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.history.clear()
+        self._job = (Path(dataset_folder), Path(model_path), dataclasses.replace(options))
+        self._error_message = ""
+        self._stopped = False
+        self.status = TrainingStatus(state="running", epochs=options.epochs, model_path=str(model_path),
+                                     message="Resuming training..." if resume else "Starting training...")
+        self.runner.start(self.command(dataset_folder, model_path, options, resume), env=engine_environment(),
+                          log_path=str(self.log_path(model_path)))
+
+    def can_resume(self) -> bool:
+        """True when a stopped or failed training of this logic left a checkpoint to continue from."""
+        return (self._job is not None and not self.runner.is_running and self.status.state != "done"
+                and checkpoint_path(self._job[1]).is_file())
+
+    def resume(self) -> None:
+        """Continue the last training from its checkpoint, with the same data and options."""
+        if self._job is None:
+            raise ValueError("no training to resume: start one first")
+        dataset_folder, model_path, options = self._job
+        self.start(dataset_folder, model_path, options, resume=True)
+
+    def stop(self) -> None:
+        """End the training and every process it started; the last checkpoint stays for ``resume``."""
+        if self.runner.is_running:
+            self._stopped = True
+            self.runner.stop()
+        self.poll()
+
+    @property
+    def is_running(self) -> bool:
+        return self.runner.is_running
+
+    def poll(self) -> TrainingStatus:
+        """Read the progress that arrived since the last call; updates ``status`` and the plot table."""
+        for line in self.runner.poll():
+            event = parse_event(line)
+            if event is not None:
+                self._handle(event)
+        if self.status.state == "running" and not self.runner.is_running and self.runner.returncode is not None:
+            self._finish(self.runner.returncode)
+        return self.status
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        kind, s = event["event"], self.status
+        if kind == "start":
+            s.epochs = int(event.get("epochs", s.epochs))
+            s.iterations = int(event.get("iterations_per_epoch", 0))
+            s.epoch = int(event.get("start_epoch", 1))
+            for epoch in [e for e in self.history if e >= s.epoch]:
+                del self.history[epoch]
+            self._update_table()
+            s.message = f"Training on {event.get('device', 'the chosen device')}..."
+        elif kind == "iteration":
+            s.epoch, s.iteration = int(event["epoch"]), int(event["iteration"])
+            s.iterations = int(event.get("iterations", s.iterations))
+            s.eta_s = event.get("eta_s", s.eta_s)
+        elif kind == "epoch":
+            s.epoch, s.iteration = int(event["epoch"]), s.iterations
+            s.eta_s, s.elapsed_s = event.get("eta_s", s.eta_s), event.get("elapsed_s", s.elapsed_s)
+            s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
+            row = {k: float(v) for k, v in (event.get("losses") or {}).items() if v is not None}
+            if event.get("val_dice") is not None:
+                row[VAL_DICE] = float(event["val_dice"])
+            self.history[s.epoch] = row
+            self._update_table()
+        elif kind == "done":
+            s.model_path = str(event.get("model", s.model_path))
+            s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
+        elif kind == "error":
+            self._error_message = str(event.get("message", ""))
+
+    def _finish(self, returncode: int) -> None:
+        s = self.status
+        s.eta_s = 0.0 if returncode == 0 else s.eta_s
+        if self._stopped:
+            s.state = "stopped"
+            s.message = (f"Training stopped during epoch {s.epoch} of {s.epochs}. "
+                         + ("Resume continues from the last checkpoint." if self.can_resume() else
+                            "No epoch was completed, so there is no checkpoint to resume from."))
+        elif returncode == 0:
+            s.state = "done"
+            dice = "" if s.best_val_dice is None else f" (best validation Dice {s.best_val_dice:.3f})"
+            s.message = f"Training finished{dice}. Model written to {s.model_path}."
+        else:
+            s.state = "failed"
+            reason = self._error_message or f"the training process ended unexpectedly (exit status {returncode})"
+            s.message = f"Training failed: {reason}\n\nLast lines of the log:\n" + "\n".join(self.log_tail())
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        """The last lines the training wrote, JSON progress left out."""
+        text = [line for line in self.runner.log_tail(lines * 20) if parse_event(line) is None]
+        return text[-lines:]
+
+    # ----- plots
+    def _update_table(self) -> None:
+        """Rewrite the table from ``history`` (one row per epoch) and make sure a series draws each column."""
+        if self.table_node is None or self.scene.GetNodeByID(self.table_node.GetID()) is None:
+            self.table_node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", "ISDNet training")
+        keys = [k for k in LOSS_TITLES if any(k in row for row in self.history.values())]
+        keys += sorted({k for row in self.history.values() for k in row} - set(keys) - {VAL_DICE})
+        if any(VAL_DICE in row for row in self.history.values()):
+            keys.append(VAL_DICE)
+        table = vtk.vtkTable()
+        for name in ["epoch", *keys]:
+            column = vtk.vtkDoubleArray()
+            column.SetName(name)
+            table.AddColumn(column)
+        epochs = sorted(self.history)
+        table.SetNumberOfRows(len(epochs))
+        for r, epoch in enumerate(epochs):
+            table.SetValue(r, 0, vtk.vtkVariant(float(epoch)))
+            for c, key in enumerate(keys, start=1):
+                table.SetValue(r, c, vtk.vtkVariant(self.history[epoch].get(key, float("nan"))))
+        self.table_node.SetAndObserveTable(table)
+        self._update_chart(keys)
+
+    def _update_chart(self, keys: list[str]) -> None:
+        if self.chart_node is None or self.scene.GetNodeByID(self.chart_node.GetID()) is None:
+            self.chart_node = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "ISDNet training chart")
+            self.chart_node.SetTitle("ISDNet training")
+            self.chart_node.SetXAxisTitle("epoch")
+            self.chart_node.SetYAxisTitle("loss / Dice")
+        present = {self.chart_node.GetNthPlotSeriesNode(i).GetYColumnName()
+                   for i in range(self.chart_node.GetNumberOfPlotSeriesNodes())}
+        for key in keys:
+            if key in present:
+                continue
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", LOSS_TITLES.get(key, key)
+                                                  if key != VAL_DICE else "validation Dice")
+            series.SetAndObserveTableNodeID(self.table_node.GetID())
+            series.SetXColumnName("epoch")
+            series.SetYColumnName(key)
+            series.SetPlotType(series.PlotTypeScatter)
+            series.SetMarkerStyle(series.MarkerStyleCircle)
+            series.SetColor(*SERIES_COLORS[self.chart_node.GetNumberOfPlotSeriesNodes() % len(SERIES_COLORS)])
+            if key == VAL_DICE:
+                series.SetLineStyle(series.LineStyleDash)
+            self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())

@@ -1,0 +1,293 @@
+"""ISDNetTrain's logic on slicer-core: dataset export, progress parsing, and training with a real child process."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer_fixture as fx
+from ISDNetTrainLib import TrainingOptions, TrainLogic, export_dataset
+from ISDNetTrainLib.logic import checkpoint_path
+
+from ISDNetLib.volumes import NodeError, ijk_to_ras
+
+
+@pytest.fixture
+def mrml():
+    return fx.make_scene()
+
+
+def ras_matrix_from_itk(image: sitk.Image) -> np.ndarray:
+    """The IJK-to-RAS matrix that an ITK image's LPS geometry stands for."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    matrix = np.eye(4)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    matrix[:3, :3] = flip @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = flip @ np.array(image.GetOrigin())
+    return matrix
+
+
+def labeled_scene(scene, count: int = 2, unlabeled: int = 1, shape=(12, 32, 32)):
+    """Volumes of differing geometry and scalar type, the first ``count`` with segmentations."""
+    geometries = [((0.8, 0.8, 2.5), (10.0, -20.0, 35.0), fx.rotation(25, 2) @ fx.rotation(10, 0), np.int16),
+                  ((1.1, 0.7, 3.0), (-5.0, 4.0, -12.0), fx.rotation(-15, 1), np.float32),
+                  ((0.9, 0.9, 2.0), (0.0, 0.0, 0.0), np.eye(3), np.uint16),
+                  ((0.6, 0.8, 1.5), (1.0, 2.0, 3.0), fx.rotation(40, 0), np.int16)]
+    pairs, others = [], []
+    for n in range(count + unlabeled):
+        spacing, origin, directions, dtype = geometries[n % len(geometries)]
+        image, labels = fx.phantom(shape, seed=n, dtype=dtype, center_shift=0.05 * n)
+        volume = fx.add_volume(scene, image, f"case {n}", spacing, origin, directions)
+        if n < count:
+            pairs.append((volume, fx.add_segmentation(scene, volume, labels, fx.ORGAN_NAMES, fx.ORGAN_COLORS)))
+        else:
+            others.append(volume)
+    return pairs, others
+
+
+def test_export_keeps_voxels_and_geometry(mrml, tmp_path):
+    import slicer.util
+
+    pairs, unlabeled = labeled_scene(mrml.scene, count=2, unlabeled=1)
+    nodes_before = mrml.scene.GetNumberOfNodes()
+    exported = export_dataset(mrml.scene, pairs, unlabeled, tmp_path / "ds")
+    assert mrml.scene.GetNumberOfNodes() == nodes_before, "temporary nodes are left in the scene"
+    assert pairs[0][0].GetStorageNode() is None, "export must not change the volume's own storage node"
+
+    spec = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert spec["labels"] == {"0": "background", "1": "liver", "2": "tumor"}
+    assert spec["colors"] == {"1": [230, 153, 102], "2": [51, 204, 76]}
+    assert exported.labeled_cases == ["case_0", "case_1"] and exported.unlabeled_cases == ["case_2"]
+    assert spec["numTraining"] == 2 and spec["file_ending"] == ".nii.gz"
+    assert spec["training"][1] == {"image": "./imagesTr/case_1.nii.gz", "label": "./labelsTr/case_1.nii.gz"}
+    assert spec["unlabeled"] == ["./imagesUnl/case_2.nii.gz"]
+
+    entries = [(v, spec["training"][i]["image"], spec["training"][i]["label"]) for i, (v, _) in enumerate(pairs)]
+    entries.append((unlabeled[0], spec["unlabeled"][0], None))
+    for index, (volume, image_file, label_file) in enumerate(entries):
+        image = sitk.ReadImage(str(tmp_path / "ds" / image_file))
+        voxels = slicer.util.arrayFromVolume(volume)
+        assert sitk.GetArrayViewFromImage(image).dtype == voxels.dtype
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), voxels)
+        np.testing.assert_allclose(ras_matrix_from_itk(image), ijk_to_ras(volume), atol=1e-4)
+        if label_file is None:
+            continue
+        labels = sitk.ReadImage(str(tmp_path / "ds" / label_file))
+        assert labels.GetPixelID() == sitk.sitkUInt8
+        assert labels.GetSize() == image.GetSize()
+        np.testing.assert_allclose(ras_matrix_from_itk(labels), ijk_to_ras(volume), atol=1e-4)
+        _, expected = fx.phantom(voxels.shape, seed=index, center_shift=0.05 * index)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), expected)
+
+
+def test_export_orders_classes_by_the_first_segmentation(mrml, tmp_path):
+    scene = mrml.scene
+    image, labels = fx.phantom(seed=0)
+    first = fx.add_volume(scene, image, "a")
+    seg_a = fx.add_segmentation(scene, first, labels, ("liver", "tumor"), fx.ORGAN_COLORS)
+    second = fx.add_volume(scene, image, "b")
+    swapped = np.where(labels == 1, 2, np.where(labels == 2, 1, 0)).astype(np.uint8)
+    seg_b = fx.add_segmentation(scene, second, swapped, ("tumor", "liver"), fx.ORGAN_COLORS[::-1])
+    export_dataset(scene, [(first, seg_a), (second, seg_b)], [], tmp_path)
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labelsTr" / "a.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labelsTr" / "b.nii.gz")))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_mismatched_segment_names_are_reported(mrml, tmp_path):
+    scene = mrml.scene
+    image, labels = fx.phantom()
+    first = fx.add_volume(scene, image, "first")
+    seg_a = fx.add_segmentation(scene, first, labels, ("liver", "tumor"), fx.ORGAN_COLORS)
+    second = fx.add_volume(scene, image, "second")
+    seg_b = fx.add_segmentation(scene, second, labels, ("liver", "lesion"), fx.ORGAN_COLORS)
+    with pytest.raises(NodeError, match=r"second: .*missing 'tumor'.*not in the others 'lesion'"):
+        export_dataset(scene, [(first, seg_a), (second, seg_b)], [], tmp_path / "ds")
+    assert not (tmp_path / "ds").exists(), "nothing may be written when the check fails"
+
+
+def test_empty_segmentation_and_volume_without_voxels_are_reported(mrml, tmp_path):
+    scene = mrml.scene
+    image, labels = fx.phantom()
+    volume = fx.add_volume(scene, image, "ct")
+    no_segments = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    with pytest.raises(NodeError, match="nothing: the segmentation of 'ct' has no segments"):
+        export_dataset(scene, [(volume, no_segments)], [], tmp_path)
+    empty = fx.add_segmentation(scene, volume, np.zeros_like(labels), fx.ORGAN_NAMES, fx.ORGAN_COLORS, "blank")
+    with pytest.raises(NodeError, match="blank: the segmentation is empty inside 'ct'"):
+        export_dataset(scene, [(volume, empty)], [], tmp_path)
+    with pytest.raises(ValueError, match="at least one labeled volume"):
+        export_dataset(scene, [], [volume], tmp_path)
+    hollow = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "hollow")
+    seg = fx.add_segmentation(scene, volume, labels, fx.ORGAN_NAMES, fx.ORGAN_COLORS)
+    with pytest.raises(NodeError, match="hollow: the volume has no image data"):
+        export_dataset(scene, [(volume, seg)], [hollow], tmp_path)
+
+
+FAKE_TRAINING = r'''
+import json, os, subprocess, sys, time
+def emit(**event):
+    print(json.dumps(event), flush=True)
+mode = sys.argv[1]
+if mode == "ok":
+    emit(event="start", epochs=2, iterations_per_epoch=2, start_epoch=1, device="cpu")
+    print("plain log text", flush=True)
+    for epoch in (1, 2):
+        for it in (1, 2):
+            emit(event="iteration", epoch=epoch, iteration=it, iterations=2, losses={"dice": 0.5}, eta_s=3.0)
+        emit(event="epoch", epoch=epoch, epochs=2, losses={"dice": 0.5 / epoch, "adv": 0.7, "d": 1.3},
+             val_dice=0.4 * epoch, best_val_dice=0.4 * epoch, eta_s=0.0, elapsed_s=1.0)
+    emit(event="done", model="m.safetensors", best_val_dice=0.8)
+elif mode == "fail":
+    print("loading the data", file=sys.stderr, flush=True)
+    print("Traceback: something deep went wrong", file=sys.stderr, flush=True)
+    emit(event="error", message="imagesTr/a.nii.gz: cannot be read")
+    sys.exit(2)
+elif mode == "crash":
+    print("Segmentation fault in a library", file=sys.stderr, flush=True)
+    os._exit(139)
+else:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    emit(event="start", epochs=5, iterations_per_epoch=1, start_epoch=1, grandchild=child.pid)
+    time.sleep(60)
+'''
+
+
+class FakeTrainLogic(TrainLogic):
+    """TrainLogic whose child is a small script, to test the progress reading without the engine."""
+
+    def __init__(self, scene, script: Path, mode: str):
+        super().__init__(scene, python=sys.executable)
+        self.script, self.mode = script, mode
+
+    def command(self, dataset_folder, model_path, options, resume=False):
+        return [sys.executable, str(self.script), self.mode]
+
+
+def run_fake(mrml, tmp_path, mode: str) -> FakeTrainLogic:
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_TRAINING)
+    (tmp_path / "dataset.json").write_text("{}")
+    logic = FakeTrainLogic(mrml.scene, script, mode)
+    logic.start(tmp_path, tmp_path / "m.safetensors", TrainingOptions(epochs=2))
+    return logic
+
+
+def poll_until(logic, condition, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = logic.poll()
+        if condition(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; status {logic.status}, log:\n" + "\n".join(logic.runner.log_tail(40)))
+
+
+def test_progress_fills_status_and_plot_nodes(mrml, tmp_path):
+    logic = run_fake(mrml, tmp_path, "ok")
+    status = poll_until(logic, lambda s: s.state != "running", 30)
+    assert status.state == "done", status.message
+    assert status.fraction == 1.0 and status.best_val_dice == 0.8 and status.epoch == 2
+    assert "best validation Dice 0.800" in status.message
+    table = logic.table_node.GetTable()
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert columns == ["epoch", "dice", "adv", "d", "val_dice"]
+    assert table.GetNumberOfRows() == 2
+    assert table.GetValue(1, 1).ToDouble() == pytest.approx(0.25)
+    assert table.GetValue(1, 4).ToDouble() == pytest.approx(0.8)
+    chart = logic.chart_node
+    assert chart.GetNumberOfPlotSeriesNodes() == 4
+    series = chart.GetNthPlotSeriesNode(3)
+    assert series.GetTableNodeID() == logic.table_node.GetID() and series.GetYColumnName() == "val_dice"
+    assert (tmp_path / "m.log").read_text().count("plain log text") == 1
+
+
+def test_status_text_while_running():
+    from ISDNetTrainLib import TrainingStatus
+
+    status = TrainingStatus(state="running", epoch=3, epochs=10, iteration=5, iterations=10, eta_s=125)
+    assert status.fraction == pytest.approx(0.25)
+    assert status.describe() == "Epoch 3/10, iteration 5/10, 2m05s left"
+
+
+@pytest.mark.parametrize("mode, reason", [("fail", "Training failed: imagesTr/a.nii.gz: cannot be read"),
+                                          ("crash", "ended unexpectedly (exit status 139)")])
+def test_failure_is_said_in_plain_words_with_the_log(mrml, tmp_path, mode, reason):
+    logic = run_fake(mrml, tmp_path, mode)
+    status = poll_until(logic, lambda s: s.state != "running", 30)
+    assert status.state == "failed"
+    assert reason in status.message
+    assert "Last lines of the log:" in status.message
+    assert ("Traceback: something deep went wrong" if mode == "fail" else "Segmentation fault") in status.message
+    assert '{"event"' not in status.message
+
+
+def test_stop_ends_the_whole_process_tree(mrml, tmp_path):
+    import os
+
+    logic = run_fake(mrml, tmp_path, "hang")
+    grandchild = []
+    deadline = time.monotonic() + 30
+    while not grandchild and time.monotonic() < deadline:
+        grandchild = [json.loads(line)["grandchild"] for line in logic.runner.poll() if "grandchild" in line]
+        time.sleep(0.05)
+    assert grandchild, "the fake training did not start"
+    logic.stop()
+    assert logic.status.state == "stopped" and not logic.is_running
+    assert "no checkpoint to resume from" in logic.status.message
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(grandchild[0], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the training's own child survived Stop")
+
+
+def test_options_match_the_engine():
+    from isdnet.train import METHODS, TrainConfig
+
+    defaults, options = TrainConfig(), TrainingOptions()
+    for name in ("method", "epochs", "lambda_adv", "lambda_semi", "t_semi", "slice_axis", "device"):
+        assert getattr(options, name) == getattr(defaults, name), name
+    from ISDNetTrainLib.logic import METHODS as MODULE_METHODS
+
+    assert set(MODULE_METHODS) == set(METHODS)
+    with pytest.raises(ValueError, match="T_semi must lie between 0 and 1"):
+        TrainingOptions(t_semi=1.5).validate()
+
+
+@pytest.mark.slow
+def test_training_end_to_end_with_stop_and_resume(mrml, tmp_path):
+    """The real ``python -m isdnet train`` on phantoms: progress, plots, stop mid-way, resume, a model file."""
+    pairs, unlabeled = labeled_scene(mrml.scene, count=3, unlabeled=2)
+    logic = TrainLogic(mrml.scene, python=sys.executable)
+    logic.export_dataset(pairs, unlabeled, tmp_path / "ds")
+    model = tmp_path / "model.safetensors"
+    options = TrainingOptions(epochs=3, extra_arguments=fx.TINY_TRAINING + ["--warmup-epochs", "1"])
+    logic.start(tmp_path / "ds", model, options)
+    poll_until(logic, lambda s: s.state != "running" or (1 in logic.history and s.epoch >= 2), 300)
+    assert logic.status.state == "running", logic.status.message
+    logic.stop()
+    assert logic.status.state == "stopped"
+    assert checkpoint_path(model).is_file() and logic.can_resume()
+    assert "Resume continues from the last checkpoint" in logic.status.message
+
+    logic.resume()
+    status = poll_until(logic, lambda s: s.state != "running", 300)
+    assert status.state == "done", status.message
+    assert model.is_file() and status.model_path == str(model)
+    assert sorted(logic.history) == [1, 2, 3]
+    assert logic.table_node.GetTable().GetNumberOfRows() == 3
+    names = [logic.chart_node.GetNthPlotSeriesNode(i).GetYColumnName()
+             for i in range(logic.chart_node.GetNumberOfPlotSeriesNodes())]
+    assert {"dice", "adv", "semi", "d", "d0", "val_dice"} <= set(names)
+    log = logic.log_path(model).read_text()
+    assert "--resume" in log and "[stopped by the user]" in log
