@@ -1,0 +1,389 @@
+"""The ISDNet model file: one ``.safetensors`` file holding the weights and a JSON header, never a pickle.
+
+Tensors are named ``segmenter.<key>`` (the SU-Net's state dict, required) and ``confidence.<key>`` (the
+confidence network, optional: it gives confidence maps). The safetensors metadata entry ``"isdnet"`` is a
+JSON header with everything inference needs: the classes (label value, name, colour), the intensity
+normalisation, the slice geometry, the architectures (``networks.architecture()``) and provenance. It is
+validated against ``HEADER_SCHEMA`` (JSON Schema 2020-12) on saving and on reading.
+
+Reading parses the safetensors layout itself before handing the file to ``safetensors``, so that any file
+that is not a model (a pickle, a ``torch.save`` archive, random or truncated bytes) is refused with a plain
+message, and nothing in a file can run code.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import jsonschema
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import ModelFileError
+from .networks import architecture, build_network
+
+PathLike = Union[str, Path]
+Weights = Union[nn.Module, dict[str, torch.Tensor]]
+
+FORMAT = "isdnet-model"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+METADATA_KEY = "isdnet"
+PARTS = ("segmenter", "confidence")
+_MAX_TABLE_BYTES = 100_000_000  # the safetensors library's own limit on its JSON table
+
+_BYTE = {"type": "integer", "minimum": 0, "maximum": 255}
+_RGB = {"type": "array", "items": _BYTE, "minItems": 3, "maxItems": 3}
+_PAIR = {"type": "array", "minItems": 2, "maxItems": 2}
+
+HEADER_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "ISDNet model header",
+    "type": "object",
+    "required": ["format", "format_version", "classes", "normalisation", "geometry", "architecture",
+                 "provenance"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "format_version": {"type": "integer"},
+        "classes": {
+            "type": "array",
+            "minItems": 2,
+            "items": {
+                "type": "object",
+                "required": ["value", "name", "color"],
+                "properties": {
+                    "value": _BYTE,
+                    "name": {"type": "string", "minLength": 1},
+                    "color": _RGB,
+                },
+            },
+        },
+        "normalisation": {"type": "object"},
+        "geometry": {
+            "type": "object",
+            "required": ["slice_axis", "spacing", "size"],
+            "properties": {
+                "slice_axis": {"enum": ["auto", "x", "y", "z"]},
+                "spacing": {**_PAIR, "items": {"type": "number", "exclusiveMinimum": 0}},
+                "size": {**_PAIR, "items": {"type": "integer", "minimum": 1}},
+            },
+        },
+        "architecture": {
+            "type": "object",
+            "required": ["segmenter", "confidence"],
+            "properties": {
+                "segmenter": {
+                    "type": "object",
+                    "required": ["name", "num_classes"],
+                    "properties": {"name": {"const": "SUNet"},
+                                   "num_classes": {"type": "integer", "minimum": 2}},
+                },
+                "confidence": {
+                    "oneOf": [
+                        {"type": "null"},
+                        {
+                            "type": "object",
+                            "required": ["name", "num_classes"],
+                            "properties": {"name": {"const": "ConfidenceNet"},
+                                           "num_classes": {"type": "integer"}},
+                        },
+                    ],
+                },
+            },
+        },
+        "provenance": {
+            "type": "object",
+            "required": ["method", "isdnet_version", "created"],
+            "properties": {
+                "method": {"type": "string"},
+                "isdnet_version": {"type": "string"},
+                "created": {"type": "string"},
+            },
+        },
+    },
+}
+_VALIDATOR = jsonschema.Draft202012Validator(HEADER_SCHEMA)
+
+# Background black, then colours that are distinct on grey-scale images (anatomy-like first).
+_PALETTE = [
+    [221, 130, 101], [144, 238, 144], [111, 184, 210], [241, 214, 145], [216, 101, 79], [183, 156, 220],
+    [230, 220, 70], [0, 151, 206], [255, 181, 158], [128, 174, 128], [250, 160, 40], [200, 90, 170],
+]
+
+
+def default_colors(n: int) -> list[list[int]]:
+    """``n`` RGB colours for classes that have none: black for background, then a fixed palette.
+
+    Past the palette, hues step by the golden angle so that neighbouring classes stay distinguishable.
+    """
+    colors = [[0, 0, 0]] + [list(c) for c in _PALETTE[: max(n - 1, 0)]]
+    for i in range(len(colors), n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.6, 0.9)
+        colors.append([round(r * 255), round(g * 255), round(b * 255)])
+    return colors[:n]
+
+
+def _describe(network: Union[nn.Module, dict[str, Any]]) -> dict[str, Any]:
+    return architecture(network) if isinstance(network, nn.Module) else dict(network)
+
+
+def make_header(class_names: list[str], normalisation: dict[str, Any], geometry: dict[str, Any],
+                segmenter: Union[nn.Module, dict[str, Any]],
+                confidence: Union[nn.Module, dict[str, Any], None] = None, *, method: str,
+                colors: Optional[list[list[int]]] = None, **provenance: Any) -> dict[str, Any]:
+    """A header for classes 0..n-1 named ``class_names``, stamped with this ISDNet version and the time.
+
+    ``segmenter`` and ``confidence`` are networks or their ``architecture()`` descriptions; extra keyword
+    arguments go into the free-form provenance.
+    """
+    colors = default_colors(len(class_names)) if colors is None else colors
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "classes": [{"value": i, "name": name, "color": list(color)}
+                    for i, (name, color) in enumerate(zip(class_names, colors))],
+        "normalisation": normalisation,
+        "geometry": geometry,
+        "architecture": {"segmenter": _describe(segmenter),
+                         "confidence": None if confidence is None else _describe(confidence)},
+        "provenance": {"method": method, "isdnet_version": __version__,
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance},
+    }
+
+
+def _field(error: jsonschema.ValidationError) -> str:
+    """A JSON path such as ``classes[2].color`` for the place of a schema violation."""
+    text = ""
+    for part in error.absolute_path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "the header itself"
+
+
+def check_header(header: Any, path: PathLike) -> None:
+    """Raise ModelFileError naming ``path`` unless ``header`` is a valid model header of a known version."""
+    if not isinstance(header, dict):
+        raise ModelFileError(path, "its ISDNet header is not a JSON object")
+    if header.get("format") != FORMAT:
+        raise ModelFileError(path, f"its header does not say format {FORMAT!r}; it is not an ISDNet model")
+    version = header.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+        raise ModelFileError(path, f"uses model format version {version!r}, but this version of ISDNet reads "
+                                   f"format version {supported} only; update ISDNet or re-export the model")
+    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(header))
+    if error is not None:
+        raise ModelFileError(path, f"its header field {_field(error)} is invalid: {error.message}")
+    values = [c["value"] for c in header["classes"]]
+    if len(set(values)) != len(values):
+        raise ModelFileError(path, f"its header lists a class value twice: {values}")
+    if 0 not in values:
+        raise ModelFileError(path, "its header has no class with value 0 (background)")
+    num_classes = header["architecture"]["segmenter"]["num_classes"]
+    if len(values) != num_classes:
+        raise ModelFileError(path, f"its header lists {len(values)} classes but the segmenter predicts "
+                                   f"{num_classes} (architecture.segmenter.num_classes)")
+    confidence = header["architecture"]["confidence"]
+    if confidence is not None and confidence["num_classes"] != num_classes:
+        raise ModelFileError(path, f"its confidence network reads {confidence['num_classes']} classes but "
+                                   f"the segmenter predicts {num_classes}")
+    try:
+        datetime.fromisoformat(header["provenance"]["created"])
+    except ValueError:
+        raise ModelFileError(path, "its header field provenance.created is not an ISO-8601 date and time: "
+                                   f"{header['provenance']['created']!r}") from None
+
+
+def _describe_non_model(start: bytes) -> str:
+    """Why a file is not a safetensors file, in words, guessing what it is from its first bytes."""
+    if start.startswith(b"PK\x03\x04"):
+        return ("is a zip archive (probably a PyTorch torch.save checkpoint), not an ISDNet model file; "
+                "ISDNet loads only .safetensors model files, which cannot run code")
+    if start[:1] == b"\x80":
+        return ("is a Python pickle, not an ISDNet model file; ISDNet never loads pickles because they can "
+                "run code")
+    return "is not an ISDNet model file (not in the safetensors format)"
+
+
+def _read_layout(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The metadata and tensor table of a safetensors file, after checking its layout spans the file."""
+    if not path.exists():
+        raise ModelFileError(path, "the model file does not exist")
+    if not path.is_file():
+        raise ModelFileError(path, "is not a file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            start = file.read(8)
+            table_size = int.from_bytes(start, "little") if len(start) == 8 else -1
+            if not 0 < table_size <= min(_MAX_TABLE_BYTES, size - 8):
+                raise ModelFileError(path, _describe_non_model(start))
+            raw = file.read(table_size)
+    except OSError as error:
+        raise ModelFileError(path, f"cannot be read ({error.strerror})") from None
+    try:
+        table = json.loads(raw.decode("utf-8"))
+        metadata = table.pop("__metadata__", None) or {}
+        end = 0
+        for entry in table.values():
+            if not isinstance(entry["dtype"], str) or not all(isinstance(n, int) for n in entry["shape"]):
+                raise ValueError
+            end = max(end, int(entry["data_offsets"][1]))
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ModelFileError(path, _describe_non_model(start)) from None
+    if size - 8 - table_size != end:
+        raise ModelFileError(path, f"is damaged or incomplete: its weights should take {end} bytes but the "
+                                   f"file holds {size - 8 - table_size}")
+    return metadata, table
+
+
+def _header_from_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(path, "is a safetensors file but not an ISDNet model: it has no ISDNet header "
+                                   f"(metadata entry {METADATA_KEY!r})")
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except ValueError as error:
+        raise ModelFileError(path, f"its ISDNet header is not valid JSON ({error})") from None
+    check_header(header, path)
+    return header
+
+
+def read_header(path: PathLike) -> dict[str, Any]:
+    """The validated JSON header of a model file, without loading its weights (cheap, for showing a model)."""
+    path = Path(path)
+    metadata, _ = _read_layout(path)
+    return _header_from_metadata(path, metadata)
+
+
+def _check_weights(path: Path, header: dict[str, Any],
+                   tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Networks built from the header, after checking ``tensors`` has exactly their names and shapes."""
+    networks = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    for part in PARTS:
+        description = header["architecture"][part]
+        if description is None:
+            continue
+        try:
+            networks[part] = build_network(description)
+        except ValueError as error:
+            raise ModelFileError(path, f"its header's architecture.{part} cannot be built: {error}") from None
+        expected.update({f"{part}.{k}": tuple(v.shape) for k, v in networks[part].state_dict().items()})
+    mismatch = "its weights do not match the architecture in its header: "
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ModelFileError(path, mismatch + f"tensor {name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ModelFileError(path, mismatch + f"tensor {name} has shape {tuple(tensors[name].shape)} but "
+                                                  f"the architecture needs {shape}")
+    for name in tensors:
+        if name not in expected:
+            raise ModelFileError(path, mismatch + f"tensor {name} is not part of the architecture")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(path, f"tensor {name} contains NaN or infinite values; such weights cannot "
+                                       "be used")
+    return networks
+
+
+def _prepare_tensors(segmenter: Weights, confidence: Optional[Weights]) -> dict[str, torch.Tensor]:
+    """Prefixed, detached, contiguous CPU tensors; floating-point ones as float32."""
+    tensors = {}
+    for part, weights in zip(PARTS, (segmenter, confidence)):
+        if weights is None:
+            continue
+        state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+        for key, tensor in state.items():
+            tensor = tensor.detach().to("cpu")
+            tensors[f"{part}.{key}"] = (tensor.float() if tensor.is_floating_point() else tensor).contiguous()
+    return tensors
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``.
+
+    A reader sees the old file or the new one, never a partial one, even if the process or machine dies.
+    """
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    # Make the rename itself durable; not possible on every platform (Windows cannot open folders).
+    with contextlib.suppress(OSError):
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def save_model(path: PathLike, header: dict[str, Any], segmenter: Weights,
+               confidence: Optional[Weights] = None) -> Path:
+    """Validate ``header`` and the weights against it, then write the model file atomically; returns its path.
+
+    Weights are stored as contiguous float32 CPU tensors. Nothing is written (an existing file stays as it
+    was) when the header is invalid, the weights do not fit the architecture, or a weight is NaN or infinite.
+    """
+    path = Path(path)
+    try:
+        text = json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the header of {path} cannot be written as JSON ({error})") from None
+    header = json.loads(text)
+    check_header(header, path)
+    if (confidence is None) != (header["architecture"]["confidence"] is None):
+        raise ValueError(f"{path}: confidence weights must be given exactly when the header's "
+                         "architecture.confidence describes a network")
+    tensors = _prepare_tensors(segmenter, confidence)
+    _check_weights(path, header, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, safetensors.torch.save(tensors, metadata={METADATA_KEY: text}))
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: header, segmenter and (when the file has one) the confidence network."""
+
+    header: dict[str, Any]
+    segmenter: nn.Module
+    confidence: Optional[nn.Module]
+
+
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """Read a model file, rebuild its networks from the header, load the weights strictly, in eval mode."""
+    path = Path(path)
+    metadata, _ = _read_layout(path)
+    header = _header_from_metadata(path, metadata)
+    try:
+        tensors = safetensors.torch.load_file(path, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(path, f"its weights cannot be read ({error})") from None
+    networks = _check_weights(path, header, tensors)
+    for part, network in networks.items():
+        prefix = part + "."
+        network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                strict=True)
+        network.to(device).eval()
+    return LoadedModel(header, networks["segmenter"], networks.get("confidence"))
