@@ -1,0 +1,268 @@
+"""SegmentLogic: run a trained ISDNet model on a volume node and put the result in a segmentation node.
+
+Small volumes are segmented in this process; large ones by ``isdnet segment`` in a child process (started with
+``start`` and followed with ``poll``, so Slicer stays responsive and Cancel works). Either way the label map is
+imported through the Segmentations logic, on exactly the input's grid, one segment per class with the model's
+names, colours and terminology, the segmentation referencing the input's geometry and placed beside it in the
+subject hierarchy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import slicer
+import slicer.util
+
+from ISDNetLib.runner import ProcessRunner, engine_environment, parse_event, python_executable
+from ISDNetLib.volumes import (
+    NodeError,
+    array_on_volume_grid,
+    image_from_volume,
+    require_image_data,
+    temporary_nodes,
+    volume_from_image,
+    write_volume,
+)
+
+IN_PROCESS_MAX_VOXELS = 4_000_000  # about 160^3; larger volumes go to a child process
+RECENT_MODELS_KEPT = 8
+LOG_TAIL_LINES = 15
+
+
+def remember_recent(recent: Sequence[str], path: str, limit: int = RECENT_MODELS_KEPT) -> list[str]:
+    """The recent-model list with ``path`` first, without duplicates, at most ``limit`` long."""
+    return [path] + [p for p in recent if p != path][:limit - 1]
+
+
+def read_model_header(model_path: Path) -> dict[str, Any]:
+    """The header of a model file (classes, colours, provenance); raises isdnet's ModelFileError if unusable."""
+    from isdnet.modelfile import read_header
+
+    return read_header(Path(model_path))
+
+
+def foreground_classes(header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model's classes other than background (value 0), by label value."""
+    return sorted((c for c in header["classes"] if int(c["value"]) != 0), key=lambda c: int(c["value"]))
+
+
+def describe_model(header: dict[str, Any]) -> str:
+    """A few lines on the model for the module: its classes and how it was trained."""
+    lines = ["Classes: " + ", ".join(f"{c['value']} {c['name']}" for c in foreground_classes(header))]
+    for key, value in (header.get("provenance") or {}).items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        lines.append(f"{key.replace('_', ' ').capitalize()}: {value}")
+    return "\n".join(lines)
+
+
+@dataclass
+class SegmentStatus:
+    """Where a background segmentation stands; ``state`` is idle, running, done, cancelled or failed."""
+
+    state: str = "idle"
+    fraction: float = 0.0
+    message: str = ""
+    segmentation_node: Any = None
+    confidence_node: Any = None
+
+
+@dataclass
+class _Job:
+    volume_node: Any
+    header: dict[str, Any]
+    folder: Path
+    confidence: bool
+    segmentation_node: Any
+    replace: bool
+
+
+class SegmentLogic:
+    """Segments volume nodes of one scene with ISDNet model files."""
+
+    def __init__(self, scene: Any, runner: Optional[ProcessRunner] = None, python: Optional[str] = None):
+        self.scene = scene
+        self.runner = runner or ProcessRunner()
+        self.python = python or python_executable()
+        self.status = SegmentStatus()
+        self._job: Optional[_Job] = None
+        self._error_message = ""
+        self._cancelled = False
+
+    @staticmethod
+    def needs_background(volume_node: Any) -> bool:
+        """True when the volume is large enough that segmenting it in Slicer's process would freeze Slicer."""
+        require_image_data(volume_node)
+        return int(np.prod(volume_node.GetImageData().GetDimensions())) > IN_PROCESS_MAX_VOXELS
+
+    # ----- in this process
+    def segment(self, volume_node: Any, model_path: Path, *, device: str = "auto", confidence: bool = False,
+                segmentation_node: Any = None, replace: bool = True,
+                progress: Optional[Callable[[int, int], None]] = None) -> Any:
+        """Segment ``volume_node`` with the model now and return the segmentation node.
+
+        With ``segmentation_node``, the result goes into that node, replacing its segments (``replace``) or added
+        beside them; otherwise a new node named after the input is made. With ``confidence``, the confidence
+        map is also loaded as a scalar volume (``self.status.confidence_node``).
+        """
+        from isdnet.infer import segment
+        from isdnet.modelfile import load_model
+
+        require_image_data(volume_node)
+        self.status = SegmentStatus("running", 0.0, f"Segmenting '{volume_node.GetName()}'...")
+        model = load_model(Path(model_path))
+        result = segment(image_from_volume(volume_node), model, device=device, confidence=confidence,
+                         progress=progress)
+        node = self.import_result(volume_node, result.labels, model.header, result.confidence,
+                                  segmentation_node, replace)
+        self.status.state, self.status.fraction, self.status.segmentation_node = "done", 1.0, node
+        self.status.message = f"Segmented '{volume_node.GetName()}'."
+        return node
+
+    # ----- in a child process
+    def command(self, input_path: Path, model_path: Path, output_folder: Path, device: str, confidence: bool
+                ) -> list[str]:
+        """The command line of the segmentation child."""
+        args = [self.python, "-m", "isdnet", "segment", str(input_path), "--model", str(model_path),
+                "--out", str(output_folder), "--device", device, "--progress-json"]
+        return args + ["--confidence"] if confidence else args
+
+    def start(self, volume_node: Any, model_path: Path, *, device: str = "auto", confidence: bool = False,
+              segmentation_node: Any = None, replace: bool = True) -> None:
+        """Start segmenting ``volume_node`` in a child process; follow it with ``poll``, end it with ``cancel``."""
+        require_image_data(volume_node)
+        header = read_model_header(Path(model_path))
+        folder = Path(tempfile.mkdtemp(prefix="isdnet-segment-"))
+        write_volume(volume_node, folder / "input.nrrd")
+        self._job = _Job(volume_node, header, folder, confidence, segmentation_node, replace)
+        self._error_message = ""
+        self._cancelled = False
+        self.status = SegmentStatus("running", 0.0, f"Segmenting '{volume_node.GetName()}'...")
+        self.runner.start(self.command(folder / "input.nrrd", Path(model_path), folder / "out", device, confidence),
+                          env=engine_environment(), log_path=str(folder / "segment.log"))
+
+    def cancel(self) -> None:
+        """End the child process (and all it started); nothing is added to the scene."""
+        if self.runner.is_running:
+            self._cancelled = True
+            self.runner.stop()
+        self.poll()
+
+    @property
+    def is_running(self) -> bool:
+        return self.runner.is_running
+
+    def poll(self) -> SegmentStatus:
+        """Read the child's progress; when it has ended, import its result (or say why it failed)."""
+        for line in self.runner.poll():
+            event = parse_event(line)
+            if event is None:
+                continue
+            if event["event"] == "slices" and event.get("total"):
+                self.status.fraction = min(0.99, float(event["done"]) / float(event["total"]))
+            elif event["event"] == "error":
+                self._error_message = str(event.get("message", ""))
+        if self.status.state == "running" and not self.runner.is_running and self.runner.returncode is not None:
+            self._finish(self.runner.returncode)
+        return self.status
+
+    def _finish(self, returncode: int) -> None:
+        job, status = self._job, self.status
+        assert job is not None
+        try:
+            if self._cancelled:
+                status.state, status.message = "cancelled", "Segmentation cancelled."
+            elif returncode != 0:
+                reason = self._error_message or f"the segmentation process ended unexpectedly (exit status " \
+                                                f"{returncode})"
+                tail = [line for line in self.runner.log_tail(LOG_TAIL_LINES * 5) if parse_event(line) is None]
+                status.state = "failed"
+                status.message = (f"Segmentation failed: {reason}\n\nLast lines of the log:\n"
+                                  + "\n".join(tail[-LOG_TAIL_LINES:]))
+            else:
+                import SimpleITK as sitk
+
+                labels = sitk.ReadImage(str(job.folder / "out" / "input.nii.gz"))
+                confidence = (sitk.ReadImage(str(job.folder / "out" / "input_confidence.nii.gz"))
+                              if job.confidence else None)
+                node = self.import_result(job.volume_node, labels, job.header, confidence, job.segmentation_node,
+                                          job.replace)
+                status.state, status.fraction, status.segmentation_node = "done", 1.0, node
+                status.message = f"Segmented '{job.volume_node.GetName()}'."
+        finally:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            self._job = None
+
+    # ----- into the scene
+    def import_result(self, volume_node: Any, labels: Any, header: dict[str, Any], confidence: Any = None,
+                      segmentation_node: Any = None, replace: bool = True) -> Any:
+        """Put a label map (a SimpleITK image on the input's grid) into a segmentation node; see ``segment``."""
+        voxels = array_on_volume_grid(labels, volume_node, "label map").astype(np.uint8, copy=False)
+        classes = foreground_classes(header)
+        unknown = sorted(set(np.unique(voxels).tolist()) - {0} - {int(c["value"]) for c in classes})
+        if unknown:
+            raise NodeError(volume_node, f"the label map holds values {unknown} that the model does not name")
+        node = segmentation_node
+        if node is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        segmentation = node.GetSegmentation()
+        if replace:
+            segmentation.RemoveAllSegments()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        transform = volume_node.GetParentTransformNode()
+        node.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
+
+        before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+        with temporary_nodes(self.scene):
+            labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__isdnet_result__")
+            slicer.util.updateVolumeFromArray(labelmap, voxels)
+            labelmap.CopyOrientation(volume_node)
+            if transform is not None:
+                labelmap.SetAndObserveTransformNodeID(transform.GetID())
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
+                raise NodeError(node, "the label map could not be imported into the segmentation")
+        imported = {}
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment_id = segmentation.GetNthSegmentID(i)
+            if segment_id not in before:
+                imported[segmentation.GetSegment(segment_id).GetLabelValue()] = segment_id
+        first_index = len(before)
+        for index, cls in enumerate(classes):
+            color = [float(c) / 255.0 for c in cls["color"]]
+            segment_id = imported.get(int(cls["value"]))
+            if segment_id is None:  # a class absent from this volume still gets its (empty) segment
+                segment_id = segmentation.AddEmptySegment("", cls["name"], color)
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetName(cls["name"])
+            segment.SetColor(color)
+            if cls.get("terminology"):
+                segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), str(cls["terminology"]))
+            segmentation.SetSegmentIndex(segment_id, first_index + index)
+        self._place_beside(volume_node, node)
+        if confidence is not None:
+            self.status.confidence_node = volume_from_image(self.scene, confidence, volume_node,
+                                                            f"{volume_node.GetName()} confidence")
+            self._place_beside(volume_node, self.status.confidence_node)
+        return node
+
+    def _place_beside(self, volume_node: Any, node: Any) -> None:
+        """Give ``node`` the same parent as the input volume in the subject hierarchy."""
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        volume_item = hierarchy.GetItemByDataNode(volume_node)
+        if not volume_item:
+            volume_item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), volume_node)
+        parent = hierarchy.GetItemParent(volume_item)
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:
+            hierarchy.CreateItem(parent, node)
