@@ -1,0 +1,143 @@
+"""One ISDNet iteration: update order, where gradients go, importance weights, checkpoints of the state."""
+
+import pytest
+import torch
+
+from isdnet.networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet
+from isdnet.train import METHODS, TrainConfig, Trainer
+
+CPU = torch.device("cpu")
+
+
+def make_trainer(method="isdnet", num_classes=3, **options):
+    config = TrainConfig(method=method, base_channels=4, discriminator_channels=4, importance_channels=8,
+                         seed=0, **options)
+    return Trainer(config, num_classes, CPU, torch.float32)
+
+
+def batch(n=2, size=(32, 32), num_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, *size, generator=g)
+    y = torch.randint(0, num_classes, (n, *size), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 4])
+@pytest.mark.parametrize("size", [(35, 50), (32, 32), (17, 9)])
+def test_networks_handle_odd_sizes_and_class_counts(num_classes, size):
+    x = torch.randn(2, 1, *size)
+    s = SUNet(1, num_classes, base_channels=4)
+    logits, features = s.forward_features(x)
+    assert logits.shape == (2, num_classes, *size)
+    assert features.shape[:2] == (2, 64)
+    probs = logits.softmax(1)
+    assert ConfidenceNet(num_classes, 4)(probs).shape == (2, 1, *size)
+    assert ImageClassifierDiscriminator(num_classes, 4)(probs).shape == (2, 1, 1, 1)
+    assert ImportanceNet(64, 8)(features).shape == (2,)
+
+
+def test_sunet_paper_widths():
+    s = SUNet(1, 3)
+    widths = [block[0].out_channels for block in s.encoders]
+    assert widths == [32, 64, 128, 256, 512]
+    assert isinstance(s.encoders[0][1], torch.nn.GroupNorm)
+    assert isinstance(s.encoders[0][2], torch.nn.LeakyReLU)
+
+
+def test_update_order_is_s_then_d_then_d0():
+    trainer = make_trainer()
+    order = []
+    for name, optimiser in trainer.optimisers.items():
+        original = optimiser.step
+        optimiser.step = lambda *a, _name=name, _orig=original, **k: (order.append(_name), _orig(*a, **k))[1]
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    losses = trainer.train_step(x, y, xu)
+    assert order == ["S", "D", "D0"]
+    assert {"dice", "adv", "semi", "d", "d0", "w_mean"} <= set(losses)
+
+
+def test_importance_net_gradient_never_reaches_the_encoder():
+    trainer = make_trainer()
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    step = trainer.step_segmenter(x, y, xu)
+    for p in trainer.segmenter.parameters():
+        p.grad = None
+    trainer.step_importance(step.features_labeled, step.features_unlabeled)
+    assert all(p.grad is None for p in trainer.segmenter.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.importance.parameters())
+
+
+def test_segmenter_step_leaves_discriminators_untouched_and_weights_labeled_samples_by_one():
+    trainer = make_trainer()
+    before_d = [p.clone() for p in trainer.discriminator.parameters()]
+    before_d0 = [p.clone() for p in trainer.importance.parameters()]
+    x, y = batch(n=3)
+    xu, _ = batch(n=2, seed=1)
+    step = trainer.step_segmenter(x, y, xu)
+    assert all(torch.equal(a, b) for a, b in zip(before_d, trainer.discriminator.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before_d0, trainer.importance.parameters()))
+    assert step.weights[:3].tolist() == [1.0, 1.0, 1.0]
+    # unlabeled weights are 1 - sigmoid(D0(z)), strictly between 0 and 1
+    expected = 1 - torch.sigmoid(trainer.importance(step.features_unlabeled)).detach()
+    assert torch.allclose(step.weights[3:], expected, atol=1e-5)
+
+
+def test_hung_uses_unit_weights_and_baseline_has_no_discriminator():
+    hung = make_trainer("hung")
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    step = hung.step_segmenter(x, y, xu)
+    assert step.weights.tolist() == [1.0] * 4
+    assert hung.importance is None
+    baseline = make_trainer("baseline")
+    assert list(baseline.networks()) == ["S"]
+    assert set(baseline.train_step(x, y, xu)) == {"dice"}
+
+
+def test_adv_classifier_uses_an_image_level_discriminator():
+    trainer = make_trainer("adv-classifier")
+    assert isinstance(trainer.discriminator, ImageClassifierDiscriminator)
+    x, y = batch()
+    assert {"dice", "adv", "d"} == set(trainer.train_step(x, y))
+
+
+def test_training_steps_reduce_the_dice_loss_on_a_fixed_batch():
+    trainer = make_trainer("isdnet", learning_rate=1e-2)
+    x, y = batch(n=4, size=(32, 32))
+    y = (x[:, 0] > 0.5).long()  # a learnable target: bright pixels are class 1
+    xu, _ = batch(seed=2)
+    first = trainer.train_step(x, y, xu)["dice"]
+    for _ in range(30):
+        last = trainer.train_step(x, y, xu)["dice"]
+    assert last < first - 0.2
+
+
+def test_state_tensors_round_trip_restores_weights_and_optimisers():
+    trainer = make_trainer()
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    trainer.train_step(x, y, xu)
+    saved = {k: v.clone() for k, v in trainer.state_tensors().items()}
+    other = make_trainer()
+    other.load_state_tensors(saved)
+    for name in ("S", "D", "D0"):
+        a = trainer.networks()[name].state_dict()
+        b = other.networks()[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the next step is identical on both, which needs the Adam moments restored too
+    la = trainer.train_step(x, y, xu)
+    lb = other.train_step(x, y, xu)
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(method="mean-teacher"), dict(epochs=0), dict(t_semi=2.0),
+                                     dict(lambda_adv=-1.0), dict(validation_fraction=1.0)])
+def test_config_rejects_bad_options(options):
+    with pytest.raises(ValueError):
+        TrainConfig(**options).validate()
+
+
+def test_all_methods_are_the_papers_rows():
+    assert METHODS == ("baseline", "adv", "adv-classifier", "hung", "isdnet")

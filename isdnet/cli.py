@@ -1,0 +1,203 @@
+"""The ``isdnet`` command: train, segment, evaluate, demo.
+
+Errors the user can fix (bad files, bad options) are printed as one plain line and exit with status 2; with
+``--progress-json`` they are also emitted as an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .errors import ISDNetError
+from .losses import default_class_weights
+from .progress import Progress
+from .runtime import DEVICES, PRECISIONS
+from .train import METHODS, TrainConfig
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a dataset folder (Decathlon layout) or listed files")
+    p.add_argument("dataset", nargs="?", type=Path, help="dataset folder with dataset.json, imagesTr/, labelsTr/")
+    p.add_argument("--images", nargs="+", type=Path, help="labeled image files (instead of a dataset folder)")
+    p.add_argument("--labels", nargs="+", type=Path, help="label files, one per --images entry")
+    p.add_argument("--label-names", nargs="+", help="class names for --images (background first)")
+    p.add_argument("--unlabeled", nargs="+", type=Path, default=[],
+                   help="unlabeled images: files or folders of images")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
+    p.add_argument("--method", choices=METHODS, default="isdnet")
+    p.add_argument("--labeled-fraction", type=float, default=1.0,
+                   help="keep labels for this fraction of the training cases, drawn with --seed "
+                   "(0.5 = the paper's 1/2)")
+    d = TrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the labeled slices")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--lambda-adv", type=float, default=d.lambda_adv)
+    p.add_argument("--lambda-semi", type=float, default=d.lambda_semi)
+    p.add_argument("--t-semi", type=float, default=d.t_semi)
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    p.add_argument("--class-weights", type=float, nargs="+", default=None)
+    p.add_argument("--base-channels", type=int, default=d.base_channels)
+    p.add_argument("--slice-axis", choices=("auto", "x", "y", "z"), default=d.slice_axis)
+    p.add_argument("--slice-spacing", type=float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"))
+    p.add_argument("--slice-size", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"))
+    p.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", choices=DEVICES, default=d.device)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--progress-json", action="store_true", help="one JSON object per line on stdout")
+
+
+def _segment_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment volumes with a trained model")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--confidence", action="store_true", help="also write <case>_confidence.nii.gz")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--progress-json", action="store_true")
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice, global Dice and HD95 of predictions against ground truth")
+    p.add_argument("--pred", type=Path, required=True, help="folder of <case>.nii.gz label maps")
+    p.add_argument("--truth", type=Path, required=True, help="dataset folder or folder of label maps")
+    p.add_argument("--json", type=Path, help="write the metrics here")
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="generate phantoms, train ISDNet on half-labeled data, segment, evaluate")
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.add_argument("--epochs", type=int, default=None, help="default: the demo's tuned value")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isdnet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"isdnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _segment_parser, _evaluate_parser, _demo_parser):
+        add(sub)
+    return parser
+
+
+def run_train(args: argparse.Namespace, progress: Progress) -> None:
+    from .data import cases_from_files, load_dataset, split_labeled, unlabeled_cases
+    from .train import train
+
+    if (args.dataset is None) == (args.images is None):
+        raise ISDNetError("give either a dataset folder or --images (with --labels), not both or neither")
+    if args.dataset is not None:
+        spec = load_dataset(args.dataset)
+        labels, cases, unlabeled = spec.labels, spec.cases, list(spec.unlabeled)
+        colors = spec.colors
+    else:
+        if not args.labels or len(args.labels) != len(args.images):
+            raise ISDNetError("--labels must give one label file per --images entry")
+        cases = cases_from_files(args.images, args.labels)
+        names = args.label_names or []
+        labels, colors, unlabeled = None, None, []
+    if args.labeled_fraction < 1.0:
+        cases, drawn = split_labeled(cases, args.labeled_fraction, args.seed)
+        unlabeled += drawn
+    unlabeled += unlabeled_cases(args.unlabeled)
+    if labels is None:
+        labels = _labels_from_files(cases, names)
+    config = TrainConfig(
+        method=args.method, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi,
+        t_semi=args.t_semi, warmup_epochs=args.warmup_epochs, class_weights=args.class_weights,
+        base_channels=args.base_channels, slice_axis=args.slice_axis, slice_spacing=args.slice_spacing,
+        slice_size=args.slice_size, validation_fraction=args.validation_fraction, augment=not args.no_augment,
+        seed=args.seed, device=args.device, precision=args.precision)
+    if config.class_weights is None:
+        config.class_weights = list(default_class_weights(len(labels)))
+    train(cases, unlabeled, labels, args.out, config, colors=colors, progress=progress, resume=args.resume)
+
+
+def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:
+    """Class values found in the label files, named from ``names`` (background first) or generically."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    found: set[int] = {0}
+    for case in cases:
+        found |= set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label)))).astype(int).tolist())
+    values = sorted(found)
+    if names and len(names) != len(values):
+        raise ISDNetError(f"--label-names gives {len(names)} names but the labels hold {len(values)} values {values}")
+    return {v: (names[i] if names else ("background" if v == 0 else f"class {v}")) for i, v in enumerate(values)}
+
+
+def run_segment(args: argparse.Namespace, progress: Progress) -> None:
+    from .data import case_name
+    from .infer import segment
+    from .modelfile import load_model
+    from .outputs import write_segmentation
+
+    model = load_model(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(args.images):
+        name = case_name(image)
+
+        def report(done: int, total: int, case: str = name) -> None:
+            if progress.json_lines:
+                progress.emit("slices", case=case, done=done, total=total)
+
+        result = segment(image, model, batch_size=args.batch_size, device=args.device, precision=args.precision,
+                         confidence=args.confidence, progress=report)
+        written = write_segmentation(result, model.header, args.out, name)
+        progress.emit("case", case=name, index=index + 1, cases=len(args.images), outputs=[str(p) for p in written])
+        if not progress.json_lines:
+            print(f"{name}: " + ", ".join(str(p) for p in written))
+    progress.emit("done", out=str(args.out))
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from .metrics import evaluate_folders
+
+    metrics = evaluate_folders(args.pred, args.truth)
+    text = json.dumps(metrics, indent=2)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = Progress(json_lines=getattr(args, "progress_json", False))
+    try:
+        if args.command == "train":
+            run_train(args, progress)
+        elif args.command == "segment":
+            run_segment(args, progress)
+        elif args.command == "evaluate":
+            run_evaluate(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out, epochs=args.epochs, seed=args.seed)
+    except (ISDNetError, ValueError) as error:
+        if progress.json_lines:
+            progress.emit("error", message=str(error))
+        print(f"isdnet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"isdnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

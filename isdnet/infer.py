@@ -1,0 +1,114 @@
+"""Slice-wise inference: a volume in, a label map on the input's exact grid out (and, on request, confidence maps).
+
+Slices go through the network in batches, channels-last, under ``torch.inference_mode`` and bf16 autocast where
+the hardware has it; each batch's probabilities are mapped back to the input grid and reduced to uint8 labels at
+once, so float32 probabilities never exist for the whole volume unless asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from .data import PreparedVolume, SliceGeometry, prepare_volume, read_image
+from .errors import PathLike
+from .modelfile import LoadedModel, load_model
+from .runtime import autocast, resolve_device, resolve_precision, to_device
+
+
+@dataclass
+class SegmentationResult:
+    """The outputs of ``segment``, each on exactly the input image's grid."""
+
+    labels: sitk.Image
+    confidence: Optional[sitk.Image] = None
+    probabilities: Optional[sitk.Image] = None
+
+
+def predict_slices(segmenter: nn.Module, slices: np.ndarray, *, batch_size: int, device: torch.device,
+                   dtype: torch.dtype, confidence_net: Optional[nn.Module] = None,
+                   ) -> Iterator[tuple[int, torch.Tensor, Optional[torch.Tensor]]]:
+    """Yield (first slice index, probabilities (B, C, H, W) float32, confidence (B, 1, H, W) or None) per batch.
+
+    ``slices`` is (N, H, W), already normalised. Confidence is sigmoid(D(S(X))) when a confidence net is given.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    was_training = segmenter.training
+    segmenter.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(slices), batch_size):
+                batch = torch.from_numpy(np.asarray(slices[start:start + batch_size], dtype=np.float32))
+                x = to_device(batch[:, None], device)
+                with autocast(device, dtype):
+                    logits = segmenter(x)
+                probabilities = torch.softmax(logits.float(), dim=1)
+                confidence = None
+                if confidence_net is not None:
+                    with autocast(device, dtype):
+                        confidence = torch.sigmoid(confidence_net(probabilities).float())
+                yield start, probabilities, confidence
+    finally:
+        segmenter.train(was_training)
+
+
+def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLike], *, batch_size: int = 16,
+            device: str = "auto", precision: str = "auto", confidence: bool = False, probabilities: bool = False,
+            progress: Optional[Callable[[int, int], None]] = None) -> SegmentationResult:
+    """Segment one volume with a trained model; the labels carry the model's label values, as uint8.
+
+    ``confidence`` adds the confidence map sigmoid(D(S(X))) (needs a model saved with its confidence network);
+    ``probabilities`` adds the class probabilities as a vector image (float32 for the whole volume: opt-in).
+    ``progress(done, total)`` is called after each batch of slices.
+    """
+    if not isinstance(image, sitk.Image):
+        image = read_image(image)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    if confidence and loaded.confidence is None:
+        raise ValueError("this model file holds no confidence network, so it cannot give a confidence map")
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    segmenter = loaded.segmenter.to(torch_device, memory_format=torch.channels_last)
+    confidence_net = loaded.confidence.to(torch_device) if confidence else None
+
+    prepared = prepare_volume(image, SliceGeometry.from_dict(loaded.header["geometry"]))
+    values = torch.tensor([c["value"] for c in loaded.header["classes"]], dtype=torch.uint8)
+    n = prepared.num_slices
+    labels: Optional[np.ndarray] = None
+    confidence_slices: Optional[np.ndarray] = None
+    probability_slices: Optional[np.ndarray] = None
+    for start, probs, conf in predict_slices(segmenter, prepared.image, batch_size=batch_size,
+                                             device=torch_device, dtype=dtype, confidence_net=confidence_net):
+        back = prepared.to_input_grid_slices(probs).cpu()
+        if labels is None:
+            labels = np.empty((n, *back.shape[-2:]), dtype=np.uint8)
+        stop = start + len(back)
+        labels[start:stop] = values[back.argmax(1)].numpy()
+        if conf is not None:
+            if confidence_slices is None:
+                confidence_slices = np.empty((n, *back.shape[-2:]), dtype=np.float32)
+            confidence_slices[start:stop] = prepared.to_input_grid_slices(conf).cpu()[:, 0].numpy()
+        if probabilities:
+            if probability_slices is None:
+                probability_slices = np.empty((back.shape[1], n, *back.shape[-2:]), dtype=np.float32)
+            probability_slices[:, start:stop] = back.permute(1, 0, 2, 3).numpy()
+        if progress is not None:
+            progress(stop, n)
+    assert labels is not None, "a prepared volume always has at least one slice"
+    return SegmentationResult(
+        labels=prepared.to_input_image(labels),
+        confidence=None if confidence_slices is None else prepared.to_input_image(confidence_slices),
+        probabilities=None if probability_slices is None else _compose(prepared, probability_slices),
+    )
+
+
+def _compose(prepared: PreparedVolume, per_class: np.ndarray) -> sitk.Image:
+    """A vector image with one component per class, on the input grid."""
+    return sitk.Compose([prepared.to_input_image(channel) for channel in per_class])
