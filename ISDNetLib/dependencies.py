@@ -83,3 +83,20 @@ def ensure_dependencies(confirm: Callable[[str], bool], status: Callable[[str], 
     status("ISDNet: the Python packages are ready." if report.ready else
            f"ISDNet: still missing after installation: {', '.join(report.missing) or 'torch'}")
     return report.ready
+
+
+def ensure_dependencies_in_slicer() -> bool:
+    """``ensure_dependencies`` with Slicer's dialogs, status bar and pip; errors are shown, not raised."""
+    import slicer
+
+    def status(message: str) -> None:
+        slicer.util.showStatusMessage(message, 5000)
+        slicer.app.processEvents()
+
+    try:
+        with slicer.util.tryWithErrorDisplay("The Python packages ISDNet needs could not be installed.",
+                                             waitCursor=True):
+            return ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay, status=status,
+                                       pip_install=slicer.util.pip_install)
+    except Exception:  # noqa: BLE001 - already shown to the user by tryWithErrorDisplay
+        return False

@@ -1,22 +1,19 @@
 """A Slicer scene without the Slicer application, for testing the modules' logic on slicer-core.
 
 ``make_scene()`` builds a ``vtkMRMLScene`` with an application logic and the Colors, Volumes, Segmentations and
-SubjectHierarchy logics registered by name, as Slicer does at startup. The phantom helpers make small volumes
-with anisotropic spacing and oblique directions, and segmentation nodes on them. Importing this file also puts
+SubjectHierarchy logics registered by name, as Slicer does at startup. The phantoms and node builders
+(small volumes with anisotropic spacing and oblique directions, segmentation nodes on them) come from
+``ISDNetLib.testing``, which the modules' Slicer self-tests use too. Importing this file also puts
 the repository root and the two module folders on ``sys.path``, so tests import ``ISDNetTrainLib``,
 ``ISDNetSegmentLib``, ``ISDNetLib`` and ``isdnet`` as Slicer would.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import numpy as np
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "ISDNetTrain", ROOT / "ISDNetSegment"):
@@ -24,11 +21,17 @@ for _path in (ROOT, ROOT / "ISDNetTrain", ROOT / "ISDNetSegment"):
         sys.path.insert(0, str(_path))
 
 import slicer  # noqa: E402
-import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 
-# Engine options that make a network small enough to train in seconds on two CPU cores.
-TINY_TRAINING = ["--base-channels", "8", "--batch-size", "4", "--slice-size", "32", "32", "--seed", "0"]
+from ISDNetLib.testing import (  # noqa: E402, F401 - re-exported for the tests
+    ORGAN_COLORS,
+    ORGAN_NAMES,
+    TINY_TRAINING,
+    add_segmentation,
+    add_volume,
+    phantom,
+    rotation,
+)
 
 
 @dataclass
@@ -64,71 +67,3 @@ def make_scene() -> SceneWithLogics:
         application.SetModuleLogic(name, logic)
         result.logics[name] = logic  # the application logic does not keep its module logics alive
     return result
-
-
-def rotation(angle_deg: float, axis: int) -> np.ndarray:
-    """A 3x3 rotation about one axis, for oblique volume directions."""
-    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
-
-
-def add_volume(scene: Any, voxels: np.ndarray, name: str, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-               origin: Sequence[float] = (0.0, 0.0, 0.0), directions: Optional[np.ndarray] = None) -> Any:
-    """A scalar volume node from a (k, j, i) array, with RAS geometry."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, voxels)
-    node.SetSpacing(*spacing)
-    node.SetOrigin(*origin)
-    node.SetIJKToRASDirections(np.eye(3) if directions is None else np.asarray(directions))
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def add_segmentation(scene: Any, volume: Any, labels: np.ndarray, names: Sequence[str],
-                     colors: Sequence[Sequence[float]], name: Optional[str] = None) -> Any:
-    """A segmentation node on ``volume``'s grid whose segment k-1 holds the voxels where ``labels == k``."""
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume.GetName()} segmentation")
-    node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    segmentation = node.GetSegmentation()
-    for value, (segment_name, color) in enumerate(zip(names, colors), start=1):
-        segment_id = segmentation.AddEmptySegment(f"segment_{value}", segment_name, list(color))
-        mask = (labels == value).astype(np.uint8)
-        _set_segment_voxels(scene, node, segment_id, mask, volume)
-    return node
-
-
-def _set_segment_voxels(scene: Any, node: Any, segment_id: str, mask: np.ndarray, volume: Any) -> None:
-    """slicer.util.updateSegmentBinaryLabelmapFromArray without slicer.mrmlScene."""
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__fixture__")
-    slicer.util.updateVolumeFromArray(labelmap, mask)
-    labelmap.CopyOrientation(volume)
-    image = slicer.vtkOrientedImageData()
-    image.DeepCopy(labelmap.GetImageData())
-    matrix = vtk.vtkMatrix4x4()
-    labelmap.GetIJKToRASMatrix(matrix)
-    image.SetImageToWorldMatrix(matrix)
-    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-    scene.RemoveNode(labelmap)
-
-
-def phantom(shape: Sequence[int] = (12, 32, 32), seed: int = 0, dtype: Any = np.int16,
-            center_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """An image (k, j, i) of a bright 'organ' holding a brighter 'lesion', and its label map (1 organ, 2 lesion)."""
-    rng = np.random.default_rng(seed)
-    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    organ = (k / 0.9) ** 2 + ((j - center_shift) / 0.6) ** 2 + (i / 0.7) ** 2 < 1
-    lesion = (k / 0.6) ** 2 + ((j - 0.15 - center_shift) / 0.25) ** 2 + ((i + 0.1) / 0.25) ** 2 < 1
-    labels = np.zeros(shape, np.uint8)
-    labels[organ] = 1
-    labels[lesion & organ] = 2
-    image = 20.0 + 80.0 * (labels == 1) + 160.0 * (labels == 2) + rng.normal(0, 8, shape)
-    return image.astype(dtype), labels
-
-
-ORGAN_COLORS = ((0.9, 0.6, 0.4), (0.2, 0.8, 0.3))
-ORGAN_NAMES = ("liver", "tumor")

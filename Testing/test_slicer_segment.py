@@ -13,7 +13,7 @@ import slicer
 import slicer.util
 import slicer_fixture as fx
 import vtk
-from ISDNetSegmentLib import SegmentLogic, describe_model, read_model_header, remember_recent
+from ISDNetSegmentLib import SegmentLogic, describe_model, read_model_header
 from ISDNetTrainLib import export_dataset
 
 from ISDNetLib.runner import engine_environment
@@ -219,9 +219,7 @@ def test_clear_errors(mrml, model_path, tmp_path):
         SegmentLogic(scene).start(volume, not_a_model)
 
 
-def test_model_description_and_recent_list(model_path):
+def test_model_description(model_path):
     header = read_model_header(model_path)
     text = describe_model(header)
     assert text.startswith("Classes: 1 liver, 2 tumor") and "Method: isdnet" in text
-    assert remember_recent(["b", "a", "c"], "a", limit=3) == ["a", "b", "c"]
-    assert remember_recent([str(i) for i in range(10)], "new", limit=4) == ["new", "0", "1", "2"]

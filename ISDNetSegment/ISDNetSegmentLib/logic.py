@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,13 +31,7 @@ from ISDNetLib.volumes import (
 )
 
 IN_PROCESS_MAX_VOXELS = 4_000_000  # about 160^3; larger volumes go to a child process
-RECENT_MODELS_KEPT = 8
 LOG_TAIL_LINES = 15
-
-
-def remember_recent(recent: Sequence[str], path: str, limit: int = RECENT_MODELS_KEPT) -> list[str]:
-    """The recent-model list with ``path`` first, without duplicates, at most ``limit`` long."""
-    return [path] + [p for p in recent if p != path][:limit - 1]
 
 
 def read_model_header(model_path: Path) -> dict[str, Any]:

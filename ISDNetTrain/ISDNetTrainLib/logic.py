@@ -159,6 +159,7 @@ class TrainLogic:
         self._stopped = False
         self.status = TrainingStatus(state="running", epochs=options.epochs, model_path=str(model_path),
                                      message="Resuming training..." if resume else "Starting training...")
+        self._update_table()  # the chart exists (empty, or with the epochs kept for a resume) from the start
         self.runner.start(self.command(dataset_folder, model_path, options, resume), env=engine_environment(),
                           log_path=str(self.log_path(model_path)))
 

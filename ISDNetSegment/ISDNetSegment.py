@@ -1,0 +1,281 @@
+"""ISDNetSegment: segment a volume with a trained ISDNet model into a segmentation node.
+
+The widget is thin: it loads Resources/UI/ISDNetSegment.ui, keeps its choices in a parameter node and hands the
+work to ``ISDNetSegmentLib.SegmentLogic``. Large volumes are segmented by a child process that a timer polls, so
+Slicer stays responsive and Apply turns into Cancel.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from ISDNetSegmentLib import SegmentLogic, describe_model, read_model_header
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from ISDNetLib import testing
+from ISDNetLib.dependencies import check_dependencies, ensure_dependencies_in_slicer
+
+POLL_INTERVAL_MS = 300
+
+
+class ISDNetSegment(ScriptedLoadableModule):
+    """Module description shown by Slicer."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "ISDNet Segment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ISDNet for 3D Slicer contributors"]
+        self.parent.helpText = (
+            "Segment a volume with an ISDNet model trained in ISDNet Train (or with the isdnet command). The "
+            "result is a segmentation with one segment per class of the model, ready for the Segment Editor.")
+        self.parent.acknowledgementText = "Based on ISDNet (Ning, Zhao and Qian). Uses PyTorch."
+
+
+@parameterNodeWrapper
+class ISDNetSegmentParameterNode:
+    """The module's state: model, input, where the result goes and what else to load."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPath: Path
+    outputSegmentation: vtkMRMLSegmentationNode
+    addToExisting: bool = False
+    loadConfidence: bool = False
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+
+
+class ISDNetSegmentLogic(ScriptedLoadableModuleLogic):
+    """Only the parameter node; the work is done by ``ISDNetSegmentLib.SegmentLogic``."""
+
+    def getParameterNode(self) -> ISDNetSegmentParameterNode:
+        return ISDNetSegmentParameterNode(super().getParameterNode())
+
+
+class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Model and input choice, model description, Apply/Cancel and progress."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[SegmentLogic] = None
+        self._parameterNode: Optional[ISDNetSegmentParameterNode] = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ISDNetSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SegmentLogic(slicer.mrmlScene)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.onTimer)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.updateModelInfo()
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        if self.logic is not None and self.logic.is_running:
+            self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(ISDNetSegmentLogic().getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode: Optional[ISDNetSegmentParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self.updateButtons()
+
+    def useModel(self, modelPath: str) -> None:
+        """Select a model (ISDNet Train calls this when a training ends) and remember it among recent ones."""
+        self.ui.modelPathLineEdit.currentPath = str(modelPath)
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+
+    def updateModelInfo(self, *args) -> None:
+        """Show the chosen model's classes (with their colours) and training provenance."""
+        path = self.ui.modelPathLineEdit.currentPath
+        table = self.ui.classesTable
+        table.setRowCount(0)
+        if not path or not Path(path).is_file():
+            self.ui.modelInfoLabel.text = "Choose a model file (.safetensors) trained with ISDNet."
+            return
+        if not check_dependencies().ready:
+            self.ui.modelInfoLabel.text = "Apply will first offer to install PyTorch and the packages ISDNet needs."
+            return
+        try:
+            header = read_model_header(Path(path))
+        except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
+            self.ui.modelInfoLabel.text = f"This file cannot be used: {error}"
+            return
+        self.ui.modelInfoLabel.text = describe_model(header)
+        classes = [c for c in header["classes"] if int(c["value"]) != 0]
+        table.setRowCount(len(classes))
+        for row, cls in enumerate(classes):
+            table.setItem(row, 0, qt.QTableWidgetItem(str(cls["value"])))
+            table.setItem(row, 1, qt.QTableWidgetItem(cls["name"]))
+            swatch = qt.QTableWidgetItem()
+            swatch.setBackground(qt.QBrush(qt.QColor(*cls["color"])))
+            table.setItem(row, 2, swatch)
+
+    def updateButtons(self, *args) -> None:
+        if self.logic is None or self._parameterNode is None:
+            return
+        running = self.logic.is_running
+        p = self._parameterNode
+        ready = bool(p.inputVolume) and p.modelPath is not None and Path(p.modelPath).is_file()
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.enabled = running or ready
+        self.ui.addToExistingCheckBox.enabled = p.outputSegmentation is not None
+        self.ui.inputsCollapsibleButton.enabled = not running
+
+    def onApplyOrCancel(self) -> None:
+        if self.logic.is_running:
+            self.logic.cancel()
+            self.onTimer()
+            return
+        if not ensure_dependencies_in_slicer():
+            return
+        p = self._parameterNode
+        options = dict(device=p.device, confidence=p.loadConfidence, segmentation_node=p.outputSegmentation,
+                       replace=not p.addToExisting)
+        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+            if self.logic.needs_background(p.inputVolume):
+                self.logic.start(p.inputVolume, p.modelPath, **options)
+                self.timer.start()
+                self.onTimer()
+                return
+            self.ui.statusLabel.text = f"Segmenting '{p.inputVolume.GetName()}'..."
+            self.logic.segment(p.inputVolume, p.modelPath, progress=self.onSlices, **options)
+        self.showResult()
+
+    def onSlices(self, done: int, total: int) -> None:
+        self.ui.progressBar.value = int(100 * done / max(total, 1))
+        slicer.app.processEvents()
+
+    def onTimer(self) -> None:
+        status = self.logic.poll()
+        self.ui.progressBar.value = int(round(100 * status.fraction))
+        self.ui.statusLabel.text = status.message.split("\n")[0]
+        self.updateButtons()
+        if status.state == "running":
+            return
+        self.timer.stop()
+        if status.state == "failed":
+            slicer.util.errorDisplay(status.message, windowTitle="ISDNet segmentation failed")
+        elif status.state == "done":
+            self.showResult()
+
+    def showResult(self) -> None:
+        """Show the input with the new segmentation (and the confidence map as foreground, if loaded)."""
+        status = self.logic.status
+        self.ui.progressBar.value = 100
+        self.ui.statusLabel.text = status.message
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        confidence = status.confidence_node
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume,
+                                         foreground=confidence, foregroundOpacity=0.4 if confidence else None)
+        self.updateButtons()
+
+
+class ISDNetSegmentTest(ScriptedLoadableModuleTest):
+    """Slicer self-test: train a tiny model on phantoms, segment an oblique float volume, save and reload."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_segment_save_reload()
+
+    def test_segment_save_reload(self) -> None:
+        from ISDNetTrainLib import TrainingOptions, TrainLogic  # installed beside this module; only the test needs it
+
+        scene = slicer.mrmlScene
+        folder = Path(tempfile.mkdtemp(prefix="ISDNetSegmentTest-"))
+        self.delayDisplay("Training a tiny model on phantoms")
+        pairs = []
+        for n in range(3):
+            image, labels = testing.phantom((12, 32, 32), seed=n, center_shift=0.05 * n)
+            volume = testing.add_volume(scene, image, f"phantom {n}", (0.8, 0.8, 2.5))
+            pairs.append((volume, testing.add_segmentation(scene, volume, labels, testing.ORGAN_NAMES,
+                                                           testing.ORGAN_COLORS)))
+        trainer = TrainLogic(scene)
+        trainer.export_dataset(pairs[:2], [pairs[2][0]], folder / "dataset")
+        model = folder / "model.safetensors"
+        trainer.start(folder / "dataset", model,
+                      TrainingOptions(epochs=2, extra_arguments=testing.TINY_TRAINING + ["--warmup-epochs", "1"]))
+        deadline = time.monotonic() + 600
+        while trainer.poll().state == "running" and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertEqual(trainer.status.state, "done", trainer.status.message)
+
+        self.delayDisplay("Segmenting a float volume with other spacing and orientation")
+        image, _ = testing.phantom((10, 36, 30), seed=7)
+        volume = testing.add_volume(scene, image.astype(np.float32), "patient", (0.6, 1.1, 3.0), (12, -30, 7),
+                                    testing.rotation(30, 2) @ testing.rotation(-20, 0))
+        node = SegmentLogic(scene).segment(volume, model)
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, list(testing.ORGAN_NAMES))
+        self.assertIs(node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()), volume)
+
+        self.delayDisplay("Saving and reloading as .seg.nrrd")
+        path = folder / "patient.seg.nrrd"
+        self.assertTrue(slicer.util.saveNode(node, str(path)))
+        reloaded = slicer.util.loadSegmentation(str(path))
+        segmentation = reloaded.GetSegmentation()
+        self.assertEqual([segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())],
+                         names)
+        for name in names:
+            before = slicer.util.arrayFromSegmentBinaryLabelmap(
+                node, node.GetSegmentation().GetSegmentIdBySegmentName(name), volume)
+            after = slicer.util.arrayFromSegmentBinaryLabelmap(
+                reloaded, segmentation.GetSegmentIdBySegmentName(name), volume)
+            np.testing.assert_array_equal(before, after)
+        self.delayDisplay("Test passed")
