@@ -513,6 +513,17 @@ def test_prepared_volume_shapes_and_axes():
     assert np.array_equal(along_x.label, np.moveaxis(sitk.GetArrayFromImage(label), 2, 0))
 
 
+def test_prepared_image_is_the_normalised_input_and_stays_aligned_with_its_label():
+    # A regression test: the image slices once borrowed the buffer of a freed SimpleITK image, which the
+    # label's resampling then overwrote, so image and label disagreed.
+    image, label = phantom(size_xyz=(40, 36, 12), spacing=(0.7, 0.9, 3.0))
+    prepared = prepare_volume(image, SliceGeometry("auto", (0.9, 0.7), (48, 48)), label)
+    expected = normalise_intensities(sitk.GetArrayFromImage(image))
+    assert np.allclose(prepared.image, expected, atol=1e-5)
+    means = [prepared.image[prepared.label == c].mean() for c in (0, 1, 2)]
+    assert means[0] < means[1] < means[2]  # the phantom's intensities rise with the class
+
+
 def test_to_input_grid_slices_maps_indices_exactly():
     image, _ = phantom(size_xyz=(20, 10, 4), spacing=(1.0, 1.0, 3.0))
     prepared = prepare_volume(image, SliceGeometry("z", (0.5, 2.0), (16, 16)))

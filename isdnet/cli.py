@@ -133,7 +133,7 @@ def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:
 
     found: set[int] = {0}
     for case in cases:
-        found |= set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label)))).astype(int).tolist())
+        found |= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))).astype(int).tolist())
     values = sorted(found)
     if names and len(names) != len(values):
         raise ISDNetError(f"--label-names gives {len(names)} names but the labels hold {len(values)} values {values}")

@@ -700,8 +700,9 @@ def prepare_volume(image: sitk.Image, geometry: SliceGeometry,
     resampler.SetUseNearestNeighborExtrapolator(True)
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetOutputPixelType(sitk.sitkFloat32)
-    array = np.moveaxis(sitk.GetArrayViewFromImage(resampler.Execute(canonical)), axis, 0)
-    slices = normalise_intensities(array)
+    resampled_image = resampler.Execute(canonical)  # kept alive: the array view below borrows its buffer
+    slices = normalise_intensities(np.moveaxis(sitk.GetArrayViewFromImage(resampled_image), axis, 0))
+    del resampled_image
     label_slices = None
     if label is not None:
         resampler.SetInterpolator(sitk.sitkNearestNeighbor)
