@@ -248,7 +248,7 @@ class ISDNetSegmentTest(ScriptedLoadableModuleTest):
         trainer.export_dataset(pairs[:2], [pairs[2][0]], folder / "dataset")
         model = folder / "model.safetensors"
         trainer.start(folder / "dataset", model,
-                      TrainingOptions(epochs=2, extra_arguments=testing.TINY_TRAINING + ["--warmup-epochs", "1"]))
+                      TrainingOptions(epochs=1, extra_arguments=testing.TINY_TRAINING))
         deadline = time.monotonic() + 600
         while trainer.poll().state == "running" and time.monotonic() < deadline:
             slicer.app.processEvents()

@@ -27,7 +27,7 @@ def mrml():
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    """A two-epoch ISDNet model (with its confidence network) trained on phantoms exported from a scene."""
+    """A one-epoch ISDNet model (with its confidence network) trained on phantoms exported from a scene."""
     folder = tmp_path_factory.mktemp("model")
     scene = fx.make_scene()
     pairs = []
@@ -38,7 +38,7 @@ def model_path(tmp_path_factory):
     export_dataset(scene.scene, pairs[:2], [pairs[2][0]], folder / "ds")
     model = folder / "model.safetensors"
     subprocess.run([sys.executable, "-m", "isdnet", "train", str(folder / "ds"), "--out", str(model),
-                    "--epochs", "2", "--warmup-epochs", "1", *fx.TINY_TRAINING], check=True,
+                    "--epochs", "1", *fx.TINY_TRAINING], check=True,
                    env=engine_environment(), capture_output=True, timeout=300)
     return model
 
