@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .outputs import CONFIDENCE_SUFFIX
 
 PathLike = Union[str, Path]
 LABEL_MAP_ENDING = ".nii.gz"
@@ -218,7 +219,8 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
     for folder in (pred_dir, truth):
         if not folder.is_dir():
             raise InputError(folder, "is not a folder")
-    predictions = sorted(pred_dir.glob("*" + LABEL_MAP_ENDING))
+    predictions = sorted(p for p in pred_dir.glob("*" + LABEL_MAP_ENDING)
+                         if not _case_name(p).endswith(CONFIDENCE_SUFFIX))
     if not predictions:
         raise InputError(pred_dir, f"contains no {LABEL_MAP_ENDING} label maps")
     if (truth / "dataset.json").is_file():

@@ -10,6 +10,8 @@ import SimpleITK as sitk
 from .errors import InputError
 from .infer import SegmentationResult
 
+CONFIDENCE_SUFFIX = "_confidence"
+
 
 def seg_nrrd_metadata(labels: sitk.Image, classes: list[dict[str, Any]]) -> dict[str, str]:
     """The key/value fields with which 3D Slicer reads a label map NRRD as a segmentation, one segment per class."""
@@ -36,7 +38,10 @@ def seg_nrrd_metadata(labels: sitk.Image, classes: list[dict[str, Any]]) -> dict
 
 
 def write_segmentation(result: SegmentationResult, header: dict[str, Any], folder: Path, name: str) -> list[Path]:
-    """Write ``<name>.nii.gz``, ``<name>.seg.nrrd`` and, when present, ``<name>_confidence.nii.gz``."""
+    """Write ``<name>.nii.gz``, ``<name>.seg.nrrd`` and, when present, ``<name>_confidence.nii.gz``.
+
+    ``isdnet evaluate`` skips the confidence maps, so the folder can be evaluated as it is.
+    """
     folder = Path(folder)
     written = []
     try:
@@ -50,7 +55,7 @@ def write_segmentation(result: SegmentationResult, header: dict[str, Any], folde
         sitk.WriteImage(seg, str(seg_path), useCompression=True)
         written.append(seg_path)
         if result.confidence is not None:
-            confidence_path = folder / f"{name}_confidence.nii.gz"
+            confidence_path = folder / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
             sitk.WriteImage(result.confidence, str(confidence_path), useCompression=True)
             written.append(confidence_path)
     except RuntimeError as error:

@@ -52,7 +52,8 @@ class Progress:
             self._line(f"\repoch {r['epoch']}/{r['epochs']}: validation Dice {val}, "
                        f"elapsed {_fmt_seconds(r['elapsed_s'])}, ETA {_fmt_seconds(r['eta_s'])}")
         elif event == "done":
-            self._line(f"model written to {r['model']}")
+            if "model" in r:
+                self._line(f"model written to {r['model']}")
         elif event in ("error", "message"):
             self._line(r.get("message", ""))
 

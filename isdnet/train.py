@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from . import __version__
 from .data import (
     NORMALISATION,
     Case,
@@ -55,8 +54,8 @@ from .losses import (
     importance_weights,
 )
 from .metrics import dice_per_class
-from .modelfile import default_colors, save_model
-from .networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet, architecture
+from .modelfile import default_colors, make_header, save_model
+from .networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
@@ -461,22 +460,16 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
 def _model_header(config: TrainConfig, labels: dict[int, str], colors: Optional[dict[int, list[int]]],
                   geometry: SliceGeometry, trainer: Trainer, counts: dict[str, int]) -> dict[str, Any]:
     """The model file's JSON header: everything inference and a reader of provenance need."""
-    palette = default_colors(len(labels))
-    classes = [{"value": v, "name": labels[v], "color": list((colors or {}).get(v, palette[i]))}
-               for i, v in enumerate(sorted(labels))]
+    values = sorted(labels)
+    palette = default_colors(len(values))
     confidence = trainer.discriminator if isinstance(trainer.discriminator, ConfidenceNet) else None
-    return {
-        "format": "isdnet-model",
-        "format_version": 1,
-        "classes": classes,
-        "normalisation": dict(NORMALISATION),
-        "geometry": geometry.to_dict(),
-        "architecture": {"segmenter": architecture(trainer.segmenter),
-                         "confidence": architecture(confidence) if confidence is not None else None},
-        "provenance": {"method": config.method, "isdnet_version": __version__,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       "hyperparameters": dataclasses.asdict(config), **counts},
-    }
+    header = make_header([labels[v] for v in values], dict(NORMALISATION), geometry.to_dict(), trainer.segmenter,
+                         confidence, method=config.method,
+                         colors=[list((colors or {}).get(v, palette[i])) for i, v in enumerate(values)],
+                         hyperparameters=dataclasses.asdict(config), **counts)
+    for cls, value in zip(header["classes"], values):
+        cls["value"] = value
+    return header
 
 
 def _save_checkpoint(path: Path, trainer: Trainer, config: TrainConfig, header: dict[str, Any],
