@@ -1,4 +1,4 @@
-"""The ``isdnet`` command: train, segment, evaluate, demo.
+"""The ``isdnet`` command: train, segment, evaluate, demo, bench, web.
 
 Errors the user can fix (bad files, bad options) are printed as one plain line and exit with status 2; with
 ``--progress-json`` they are also emitted as an ``error`` event.
@@ -83,11 +83,39 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+# Commands whose options and work live in their own module: name -> (module, help). Each module defines
+# ``add_arguments(parser)`` and ``run(args) -> None``; it is imported only when its command runs or is listed.
+PLUGGED_COMMANDS = {
+    "bench accuracy": ("isdnet.bench_accuracy", "the paper's ablation (Table 3) on a dataset, as a table"),
+    "bench speed": ("isdnet.bench_speed", "inference and training speed against plain PyTorch, as a table"),
+    "web": ("isdnet.web", "serve the train-and-segment workflow in a browser (trame-slicer)"),
+}
+
+
+def _plugged_parsers(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, (module_name, help_text) in PLUGGED_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # a command whose module is not part of this installation
+        target = bench_sub if name.startswith("bench ") else sub
+        parser = target.add_parser(name.split()[-1], help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(plugged=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isdnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="isdnet", description="ISDNet: semi-supervised adversarial segmentation of medical volumes")
     parser.add_argument("--version", action="version", version=f"isdnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _segment_parser, _evaluate_parser, _demo_parser):
+    for add in (_train_parser, _segment_parser, _evaluate_parser, _demo_parser, _plugged_parsers):
         add(sub)
     return parser
 
@@ -188,6 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             run_demo(args.out, epochs=args.epochs, seed=args.seed)
+        else:
+            args.plugged(args)
     except (ISDNetError, ValueError) as error:
         if progress.json_lines:
             progress.emit("error", message=str(error))
