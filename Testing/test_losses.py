@@ -46,6 +46,17 @@ def test_weighted_dice_matches_hand_computation(case, weights, expected):
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_per_class_form_averages_each_class_dice():
+    p, t = probs_and_target(*TWO_PIXELS)
+    # class Dice 2*0.8/2.2 and 2*0.6/1.8; weights (1, 3): 1 - (0.727273 + 3 * 0.666667) / 4
+    loss = WeightedDiceLoss((1.0, 3.0), smooth=0.0, form="per-class")(p, t)
+    assert loss.item() == pytest.approx(1 - (1.6 / 2.2 + 3 * 1.2 / 1.8) / 4, abs=1e-6)
+    # a class absent from prediction and target counts as perfect (smoothing), so an empty mask costs nothing
+    semi = SemiSupervisedLoss((1.0, 1.0, 1.0), threshold=0.5, form="per-class")
+    p3, _ = probs_and_target(*THREE_PIXELS)
+    assert semi(p3, torch.zeros(1, 1, 1, 3)).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_dice_is_zero_for_a_perfect_prediction_and_batch_pools_samples():
     _, t = probs_and_target(*THREE_PIXELS)
     assert WeightedDiceLoss((0.2, 1.2, 2.2))(t, t).item() == pytest.approx(0.0, abs=1e-6)
@@ -66,7 +77,8 @@ def test_default_class_weights_follow_the_paper():
 @pytest.mark.parametrize("options", [dict(class_weights=[1.0]), dict(class_weights=[1.0, -1.0]),
                                      dict(class_weights=[0.0, 0.0]), dict(class_weights=[1.0, float("nan")]),
                                      dict(class_weights=[1, 1], smooth=-1.0),
-                                     dict(class_weights=[1, 1], reduction="mean")])
+                                     dict(class_weights=[1, 1], reduction="mean"),
+                                     dict(class_weights=[1, 1], form="generalised")])
 def test_dice_rejects_bad_options(options):
     with pytest.raises(ValueError):
         WeightedDiceLoss(**options)

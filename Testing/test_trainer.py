@@ -104,7 +104,7 @@ def test_adv_classifier_uses_an_image_level_discriminator():
 
 
 def test_training_steps_reduce_the_dice_loss_on_a_fixed_batch():
-    trainer = make_trainer("isdnet", learning_rate=1e-2)
+    trainer = make_trainer("isdnet", num_classes=2, learning_rate=1e-2)
     x, y = batch(n=4, size=(32, 32))
     y = (x[:, 0] > 0.5).long()  # a learnable target: bright pixels are class 1
     xu, _ = batch(seed=2)

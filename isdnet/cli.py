@@ -15,7 +15,7 @@ from typing import Optional
 
 from . import __version__
 from .errors import ISDNetError
-from .losses import default_class_weights
+from .losses import DICE_FORMS, default_class_weights
 from .progress import Progress
 from .runtime import DEVICES, PRECISIONS
 from .train import METHODS, TrainConfig
@@ -44,6 +44,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t-semi", type=float, default=d.t_semi)
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--class-weights", type=float, nargs="+", default=None)
+    p.add_argument("--dice-form", choices=DICE_FORMS, default=d.dice_form,
+                   help="how the weighted Dice (2) combines classes (see isdnet/losses.py)")
     p.add_argument("--base-channels", type=int, default=d.base_channels)
     p.add_argument("--slice-axis", choices=("auto", "x", "y", "z"), default=d.slice_axis)
     p.add_argument("--slice-spacing", type=float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"))
@@ -146,6 +148,7 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
         method=args.method, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         learning_rate=args.learning_rate, lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi,
         t_semi=args.t_semi, warmup_epochs=args.warmup_epochs, class_weights=args.class_weights,
+        dice_form=args.dice_form,
         base_channels=args.base_channels, slice_axis=args.slice_axis, slice_spacing=args.slice_spacing,
         slice_size=args.slice_size, validation_fraction=args.validation_fraction, augment=not args.no_augment,
         seed=args.seed, device=args.device, precision=args.precision)

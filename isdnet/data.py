@@ -789,6 +789,10 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.slice_index)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the random crops from ``seed``, so an epoch's crops do not depend on the epochs before it."""
+        self.rng = np.random.default_rng(seed)
+
     def _window(self, have: int, want: int) -> tuple[int, int, int]:
         """(start in the slice, length taken, offset in the output) along one axis."""
         if have > want:

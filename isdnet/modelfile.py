@@ -14,10 +14,7 @@ message, and nothing in a file can run code.
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +28,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelFileError
+from .files import write_atomically
 from .networks import architecture, build_network
 
 PathLike = Union[str, Path]
@@ -312,32 +310,6 @@ def _prepare_tensors(segmenter: Weights, confidence: Optional[Weights]) -> dict[
     return tensors
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``.
-
-    A reader sees the old file or the new one, never a partial one, even if the process or machine dies.
-    """
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    # Make the rename itself durable; not possible on every platform (Windows cannot open folders).
-    with contextlib.suppress(OSError):
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
 def save_model(path: PathLike, header: dict[str, Any], segmenter: Weights,
                confidence: Optional[Weights] = None) -> Path:
     """Validate ``header`` and the weights against it, then write the model file atomically; returns its path.
@@ -358,7 +330,7 @@ def save_model(path: PathLike, header: dict[str, Any], segmenter: Weights,
     tensors = _prepare_tensors(segmenter, confidence)
     _check_weights(path, header, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, safetensors.torch.save(tensors, metadata={METADATA_KEY: text}))
+    write_atomically(path, safetensors.torch.save(tensors, metadata={METADATA_KEY: text}))
     return path
 
 

@@ -13,10 +13,11 @@ whole job from cases on disk to a model file. The method option selects the rows
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from .checkpoint import checkpoint_path, load_latest, save_checkpoint
 from .data import (
     NORMALISATION,
     Case,
@@ -43,8 +44,10 @@ from .data import (
     read_label,
 )
 from .errors import InputError, TrainingError
+from .files import OutputLock
 from .infer import predict_slices
 from .losses import (
+    DICE_FORMS,
     AdversarialLoss,
     ConfidenceNetLoss,
     ImportanceNetLoss,
@@ -60,7 +63,7 @@ from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
 METHODS = ("baseline", "adv", "adv-classifier", "hung", "isdnet")
-CHECKPOINT_KEY = "isdnet-checkpoint"
+RESUMABLE_CHANGES = ("epochs", "device", "precision")  # options a resumed run may change
 
 
 @dataclass
@@ -77,6 +80,7 @@ class TrainConfig:
     t_semi: float = 0.1
     warmup_epochs: int = 5
     class_weights: Optional[list[float]] = None  # default: losses.default_class_weights
+    dice_form: str = "per-class"  # losses.DICE_FORMS: how (2) combines the classes (see losses.py)
     base_channels: int = 32
     discriminator_channels: int = 64
     importance_channels: int = 128
@@ -104,6 +108,8 @@ class TrainConfig:
             raise ValueError("lambda_adv and lambda_semi must be non-negative")
         if not 0 <= self.t_semi <= 1:
             raise ValueError(f"t_semi must lie in [0, 1], got {self.t_semi}")
+        if self.dice_form not in DICE_FORMS:
+            raise ValueError(f"dice_form must be one of {DICE_FORMS}, got {self.dice_form!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be non-negative, got {self.warmup_epochs}")
         if not 0 <= self.validation_fraction < 1:
@@ -157,8 +163,9 @@ class Trainer:
             self.importance = ImportanceNet(self.segmenter.feature_channels, config.importance_channels).to(device)
         self.optimisers = {name: torch.optim.Adam(net.parameters(), lr=config.learning_rate)
                            for name, net in self.networks().items()}
-        self.dice = WeightedDiceLoss(weights).to(device)
-        self.semi = SemiSupervisedLoss(weights, threshold=config.t_semi).to(device)
+        self.discarded: list[str] = []  # networks whose update was discarded for a non-finite loss or gradient
+        self.dice = WeightedDiceLoss(weights, form=config.dice_form).to(device)
+        self.semi = SemiSupervisedLoss(weights, threshold=config.t_semi, form=config.dice_form).to(device)
         self.adversarial = AdversarialLoss()
         self.confidence_loss = ConfidenceNetLoss()
         self.importance_loss = ImportanceNetLoss()
@@ -174,7 +181,11 @@ class Trainer:
 
     def train_step(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor,
                    x_unlabeled: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """One iteration: update S, then D (labeled data only), then D0 (labeled and unlabeled features)."""
+        """One iteration: update S, then D (labeled data only), then D0 (labeled and unlabeled features).
+
+        An update whose loss or gradient is not finite is skipped; ``losses["discarded"]`` then counts them.
+        """
+        self.discarded = []
         step = self.step_segmenter(x_labeled, y_labeled, x_unlabeled)
         losses = dict(step.losses)
         if self.discriminator is not None:
@@ -182,6 +193,8 @@ class Trainer:
         if self.importance is not None and step.features_unlabeled is not None:
             losses["d0"] = self.step_importance(step.features_labeled, step.features_unlabeled)
             losses["w_mean"] = float(step.weights[len(x_labeled):].mean())
+        if self.discarded:
+            losses["discarded"] = float(len(self.discarded))
         return losses
 
     def step_segmenter(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor,
@@ -251,10 +264,23 @@ class Trainer:
         return loss.item()
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
+        """Back-propagate and step, unless the loss or a gradient is not finite: then the step is discarded."""
         optimiser = self.optimisers[name]
         optimiser.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.discarded.append(name)
+            return
         loss.backward()
+        grads = [p.grad for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
+        if not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            optimiser.zero_grad(set_to_none=True)
+            self.discarded.append(name)
+            return
         optimiser.step()
+
+    def weights_are_finite(self) -> bool:
+        """True when no network holds a NaN or infinite weight."""
+        return all(torch.isfinite(p).all() for net in self.networks().values() for p in net.parameters())
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every network's weights and every optimiser's state, as flat named tensors for a checkpoint."""
@@ -292,11 +318,7 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def checkpoint_path(model_path: Path) -> Path:
-    """The resumable checkpoint written beside the model: ``name.checkpoint.safetensors``."""
-    return model_path.with_name(model_path.name.removesuffix(".safetensors") + ".checkpoint.safetensors")
+    stopped: bool = False
 
 
 def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -314,7 +336,7 @@ def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
-def _epoch_batches(dataset: SliceDataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless shuffled batches, the shuffle fixed by ``seed`` so a resumed epoch sees the same batches."""
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(dataset) >= batch_size
@@ -353,10 +375,39 @@ def _label_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
     return lookup[label]
 
 
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request that the loop honours between iterations (main thread only).
+
+    The Slicer module's Stop sends SIGTERM: training then writes a checkpoint at the iteration it reached and
+    exits cleanly, so Resume loses nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
           config: TrainConfig, *, colors: Optional[dict[int, list[int]]] = None, progress: Optional[Progress] = None,
           resume: bool = False, cache_dir: Optional[Path] = None) -> TrainResult:
-    """Train on labeled and unlabeled cases and write the best model to ``out`` (safetensors + JSON header)."""
+    """Train on labeled and unlabeled cases and write the best model to ``out`` (safetensors + JSON header).
+
+    A checkpoint is written atomically after every epoch and when a stop is requested (SIGTERM/SIGINT);
+    ``resume`` continues from it, mid-epoch included, and gives the same run as an uninterrupted one.
+    """
     config.validate()
     progress = progress or Progress(json_lines=False)
     out = Path(out)
@@ -364,93 +415,176 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         raise TrainingError("no labeled case: ISDNet needs at least one annotated volume")
     if not out.parent.is_dir():
         raise InputError(out.parent, "the output folder does not exist")
-    values = sorted(labels)
-    if values[0] != 0:
-        raise TrainingError(f"the labels must include 0 (background), got {values}")
-    num_classes = len(values)
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
-    unlabeled = list(unlabeled) if config.uses_unlabeled else []
+    if sorted(labels)[0] != 0:
+        raise TrainingError(f"the labels must include 0 (background), got {sorted(labels)}")
+    with OutputLock(out), StopRequest() as stop, \
+            tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
+        return _TrainingRun(labeled, unlabeled, labels, out, config, colors, progress, Path(cache)).run(resume, stop)
 
-    train_cases, val_cases = split_validation(labeled, config.validation_fraction, config.seed)
-    started = time.monotonic()
-    train_pairs = _read_volumes(train_cases, values)
-    val_pairs = _read_volumes(val_cases, values)
-    unlabeled_pairs = _read_volumes(unlabeled, values)
-    geometry = plan_geometry([image for image, _ in train_pairs + unlabeled_pairs], config.slice_axis,
-                             spacing=config.slice_spacing, size=config.slice_size)
 
-    def prepared(pairs):
+class _TrainingRun:
+    """One training job: the data prepared once, then epochs of iterations with validation and checkpoints."""
+
+    def __init__(self, labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
+                 config: TrainConfig, colors: Optional[dict[int, list[int]]], progress: Progress, cache: Path):
+        self.started = time.monotonic()
+        self.config, self.out, self.progress = config, out, progress
+        self.values = sorted(labels)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_precision(config.precision, self.device)
+        unlabeled = list(unlabeled) if config.uses_unlabeled else []
+        train_cases, val_cases = split_validation(labeled, config.validation_fraction, config.seed)
+        train_pairs = _read_volumes(train_cases, self.values)
+        val_pairs = _read_volumes(val_cases, self.values)
+        unlabeled_pairs = _read_volumes(unlabeled, self.values)
+        self.geometry = plan_geometry([image for image, _ in train_pairs + unlabeled_pairs], config.slice_axis,
+                                      spacing=config.slice_spacing, size=config.slice_size)
+        self.labeled_set = SliceDataset(cache_volumes(self._prepared(train_pairs), cache / "labeled"),
+                                        self.geometry.size, labeled=True, random_crop=True, seed=config.seed)
+        unlabeled_volumes = cache_volumes(self._prepared(unlabeled_pairs), cache / "unlabeled")
+        self.unlabeled_set = (SliceDataset(unlabeled_volumes, self.geometry.size, labeled=False, random_crop=True,
+                                           seed=config.seed) if unlabeled_volumes else None)
+        self.val_volumes = list(self._prepared(val_pairs))
+        self.trainer = Trainer(config, len(self.values), self.device, self.dtype)
+        self.steps = config.steps_per_epoch or max(1, math.ceil(len(self.labeled_set) / config.batch_size))
+        self.header = _model_header(config, labels, colors, self.geometry, self.trainer, dict(
+            labeled_cases=len(train_cases), validation_cases=len(val_cases), unlabeled_cases=len(unlabeled),
+            labeled_slices=len(self.labeled_set),
+            unlabeled_slices=len(self.unlabeled_set) if self.unlabeled_set else 0))
+        # epoch: last complete epoch; iteration/sums: progress inside the next one (after a stop)
+        self.state: dict[str, Any] = dict(epoch=0, iteration=0, sums={}, best_val_dice=None, best_epoch=0,
+                                          history=[])
+
+    def _prepared(self, pairs: list[tuple[Any, Any]]) -> Iterator[PreparedVolume]:
         for image, label in pairs:
-            volume = prepare_volume(image, geometry, label)
+            volume = prepare_volume(image, self.geometry, label)
             if volume.label is not None:
-                volume.label = _label_indices(volume.label, values)
+                volume.label = _label_indices(volume.label, self.values)
             yield volume
 
-    with tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
-        labeled_volumes = cache_volumes(prepared(train_pairs), Path(cache) / "labeled")
-        unlabeled_volumes = cache_volumes(prepared(unlabeled_pairs), Path(cache) / "unlabeled")
-        val_volumes = list(prepared(val_pairs))
-        del train_pairs, unlabeled_pairs, val_pairs
-        labeled_set = SliceDataset(labeled_volumes, geometry.size, labeled=True, random_crop=True, seed=config.seed)
-        unlabeled_set = (SliceDataset(unlabeled_volumes, geometry.size, labeled=False, random_crop=True,
-                                      seed=config.seed) if unlabeled_volumes else None)
-        trainer = Trainer(config, num_classes, device, dtype)
-        steps = config.steps_per_epoch or max(1, math.ceil(len(labeled_set) / config.batch_size))
-        header = _model_header(config, labels, colors, geometry, trainer,
-                               dict(labeled_cases=len(train_cases), validation_cases=len(val_cases),
-                                    unlabeled_cases=len(unlabeled), labeled_slices=len(labeled_set),
-                                    unlabeled_slices=len(unlabeled_set) if unlabeled_set else 0))
-        state = dict(epoch=0, best_val_dice=None, best_epoch=0, history=[])
+    def run(self, resume: bool, stop: StopRequest) -> TrainResult:
         if resume:
-            state = _load_checkpoint(checkpoint_path(out), trainer, config, header)
-        progress.emit("start", epochs=config.epochs, iterations_per_epoch=steps, start_epoch=state["epoch"] + 1,
-                      labeled_slices=len(labeled_set), unlabeled_slices=header["provenance"]["unlabeled_slices"],
-                      validation_cases=len(val_cases), device=str(device), precision=str(dtype).split(".")[-1],
-                      method=config.method, setup_s=round(time.monotonic() - started, 2))
+            self._resume()
+        config, state = self.config, self.state
+        self.progress.emit(
+            "start", epochs=config.epochs, iterations_per_epoch=self.steps, start_epoch=state["epoch"] + 1,
+            start_iteration=state["iteration"] + 1, labeled_slices=len(self.labeled_set),
+            unlabeled_slices=self.header["provenance"]["unlabeled_slices"], validation_cases=len(self.val_volumes),
+            device=str(self.device), precision=str(self.dtype).split(".")[-1], method=config.method,
+            setup_s=round(time.monotonic() - self.started, 2))
+        good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
         run_started, run_steps = time.monotonic(), 0
-        total_steps = (config.epochs - state["epoch"]) * steps
+        total_steps = (config.epochs - state["epoch"]) * self.steps - state["iteration"]
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
-            semi = unlabeled_set is not None and epoch > config.warmup_epochs
-            epoch_seed = config.seed * 100_003 + epoch
-            labeled_batches = _epoch_batches(labeled_set, config.batch_size, epoch_seed)
-            unlabeled_batches = _epoch_batches(unlabeled_set, config.batch_size, epoch_seed + 7) if semi else None
-            augmenter = torch.Generator().manual_seed(epoch_seed + 13)
-            sums: dict[str, float] = {}
-            for iteration in range(1, steps + 1):
-                x_l, y_l = next(labeled_batches)
-                x_u = next(unlabeled_batches)[0] if unlabeled_batches is not None else None
-                if config.augment:
-                    x_l, y_l = augment(x_l, y_l, augmenter)
-                    if x_u is not None:
-                        x_u, _ = augment(x_u, None, augmenter)
-                losses = trainer.train_step(to_device(x_l, device), y_l.to(device),
-                                            None if x_u is None else to_device(x_u, device))
+            batches = self._epoch_batches(epoch)
+            for iteration in range(1, self.steps + 1):
+                x_l, y_l, x_u = next(batches)
+                if iteration <= state["iteration"]:
+                    continue  # replayed to restore the data order of a stopped epoch; no compute
+                losses = self.trainer.train_step(to_device(x_l, self.device), y_l.to(self.device),
+                                                 None if x_u is None else to_device(x_u, self.device))
+                if "discarded" in losses:
+                    self.progress.emit("nonfinite", epoch=epoch, iteration=iteration,
+                                       message=f"non-finite loss or gradient at epoch {epoch}, iteration "
+                                               f"{iteration}: that update was discarded")
                 for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    if math.isfinite(value):
+                        state["sums"][key] = state["sums"].get(key, 0.0) + value
+                state["iteration"] = iteration
                 run_steps += 1
                 eta = (time.monotonic() - run_started) / run_steps * (total_steps - run_steps)
-                progress.emit("iteration", epoch=epoch, iteration=iteration, iterations=steps,
-                              losses=_rounded(losses), eta_s=round(eta, 1))
-            means = {k: v / steps for k, v in sums.items()}
-            val = (validation_dice(trainer.segmenter, val_volumes, num_classes, device, dtype, config.batch_size)
-                   if val_volumes else None)
-            improved = val is None or state["best_val_dice"] is None or val > state["best_val_dice"]
-            if improved:
-                state["best_val_dice"], state["best_epoch"] = val, epoch
-                header["provenance"]["validation"] = {"dice": val, "epoch": epoch}
-                header["provenance"]["training_time_s"] = round(time.monotonic() - started, 1)
-                save_model(out, header, trainer.segmenter,
-                           trainer.discriminator if isinstance(trainer.discriminator, ConfidenceNet) else None)
-            state["epoch"] = epoch
-            state["history"].append({"epoch": epoch, "losses": _rounded(means), "val_dice": val, "semi": semi})
-            _save_checkpoint(checkpoint_path(out), trainer, config, header, state)
-            progress.emit("checkpoint", epoch=epoch, path=str(checkpoint_path(out)))
-            progress.emit("epoch", epoch=epoch, epochs=config.epochs, losses=_rounded(means), val_dice=val,
-                          best_val_dice=state["best_val_dice"], elapsed_s=round(time.monotonic() - started, 1),
-                          eta_s=round((time.monotonic() - run_started) / run_steps * (total_steps - run_steps), 1))
-    progress.emit("done", model=str(out), best_val_dice=state["best_val_dice"], best_epoch=state["best_epoch"])
-    return TrainResult(out, state["best_val_dice"], state["best_epoch"], state["epoch"], state["history"])
+                self.progress.emit("iteration", epoch=epoch, iteration=iteration, iterations=self.steps,
+                                   losses=_rounded(losses), eta_s=round(eta, 1))
+                if stop.requested and iteration < self.steps:
+                    self._checkpoint(epoch - 1)
+                    self.progress.emit("stopped", epoch=epoch, iteration=iteration,
+                                       message="training stopped; resume continues from here")
+                    return self._result(stopped=True)
+            if not self.trainer.weights_are_finite():
+                self.trainer.load_state_tensors({k: v.clone() for k, v in good.items()})
+                self.progress.emit("rollback", epoch=epoch, message=f"non-finite weights after epoch {epoch}: "
+                                   "rolled back to the last good state")
+            good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
+            self._end_epoch(epoch, run_started, run_steps, total_steps)
+            if stop.requested and epoch < config.epochs:
+                self.progress.emit("stopped", epoch=epoch, iteration=self.steps,
+                                   message="training stopped; resume continues from here")
+                return self._result(stopped=True)
+        self.progress.emit("done", model=str(self.out), best_val_dice=state["best_val_dice"],
+                           best_epoch=state["best_epoch"])
+        return self._result(stopped=False)
+
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """The epoch's (labeled images, labels, unlabeled images or None), augmented; fixed by seed and epoch."""
+        config = self.config
+        seed = config.seed * 100_003 + epoch
+        semi = self.unlabeled_set is not None and epoch > config.warmup_epochs
+        self.labeled_set.reseed(seed)
+        labeled = _shuffled_batches(self.labeled_set, config.batch_size, seed)
+        unlabeled = None
+        if semi:
+            self.unlabeled_set.reseed(seed + 7)
+            unlabeled = _shuffled_batches(self.unlabeled_set, config.batch_size, seed + 7)
+        augmenter = torch.Generator().manual_seed(seed + 13)
+        while True:
+            x_l, y_l = next(labeled)
+            x_u = next(unlabeled)[0] if unlabeled is not None else None
+            if config.augment:
+                x_l, y_l = augment(x_l, y_l, augmenter)
+                if x_u is not None:
+                    x_u, _ = augment(x_u, None, augmenter)
+            yield x_l, y_l, x_u
+
+    def _end_epoch(self, epoch: int, run_started: float, run_steps: int, total_steps: int) -> None:
+        """Validate, keep the best model, checkpoint, report."""
+        state, config = self.state, self.config
+        means = {k: v / self.steps for k, v in state["sums"].items()}
+        val = (validation_dice(self.trainer.segmenter, self.val_volumes, len(self.values), self.device, self.dtype,
+                               config.batch_size) if self.val_volumes else None)
+        if val is None or state["best_val_dice"] is None or val > state["best_val_dice"]:
+            state["best_val_dice"], state["best_epoch"] = val, epoch
+            self.header["provenance"]["validation"] = {"dice": val, "epoch": epoch}
+            self.header["provenance"]["training_time_s"] = round(time.monotonic() - self.started, 1)
+            confidence = self.trainer.discriminator
+            save_model(self.out, self.header, self.trainer.segmenter,
+                       confidence if isinstance(confidence, ConfidenceNet) else None)
+        state["history"].append({"epoch": epoch, "losses": _rounded(means), "val_dice": val,
+                                 "semi": self.unlabeled_set is not None and epoch > config.warmup_epochs})
+        state["iteration"], state["sums"] = 0, {}
+        path = self._checkpoint(epoch)
+        self.progress.emit("checkpoint", epoch=epoch, path=str(path))
+        elapsed = time.monotonic() - run_started
+        self.progress.emit("epoch", epoch=epoch, epochs=config.epochs, losses=_rounded(means), val_dice=val,
+                           best_val_dice=state["best_val_dice"], elapsed_s=round(time.monotonic() - self.started, 1),
+                           eta_s=round(elapsed / max(run_steps, 1) * (total_steps - run_steps), 1))
+
+    def _checkpoint(self, epoch: int) -> Path:
+        self.state["epoch"] = epoch
+        path = checkpoint_path(self.out)
+        meta = {"config": dataclasses.asdict(self.config), "header": self.header, "state": self.state}
+        save_checkpoint(path, self.trainer.state_tensors(), meta)
+        return path
+
+    def _resume(self) -> None:
+        """Restore the newest sound checkpoint; it must come from a run with the same options and data."""
+        tensors, meta, path = load_latest(checkpoint_path(self.out),
+                                          report=lambda text: self.progress.emit("message", message=text))
+        saved, current = meta["config"], dataclasses.asdict(self.config)
+        changed = [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
+        if changed:
+            raise InputError(path, f"the checkpoint was made with other options ({', '.join(changed)}); "
+                                   "resume with the same options or start a new training")
+        if meta["header"]["geometry"] != self.header["geometry"] or \
+                meta["header"]["classes"] != self.header["classes"]:
+            raise InputError(path, "the checkpoint was made on other data (slice geometry or classes differ)")
+        self.trainer.load_state_tensors({k: v.to(self.device) for k, v in tensors.items()})
+        self.state = meta["state"]
+        if "validation" in meta["header"]["provenance"]:
+            self.header["provenance"]["validation"] = meta["header"]["provenance"]["validation"]
+
+    def _result(self, stopped: bool) -> TrainResult:
+        s = self.state
+        return TrainResult(self.out, s["best_val_dice"], s["best_epoch"], s["epoch"], s["history"], stopped)
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
@@ -470,36 +604,3 @@ def _model_header(config: TrainConfig, labels: dict[int, str], colors: Optional[
     for cls, value in zip(header["classes"], values):
         cls["value"] = value
     return header
-
-
-def _save_checkpoint(path: Path, trainer: Trainer, config: TrainConfig, header: dict[str, Any],
-                     state: dict[str, Any]) -> None:
-    """Everything a resumed run needs, as safetensors (never a pickle), written to a temporary file then renamed."""
-    meta = {"config": dataclasses.asdict(config), "header": header, "state": state}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(trainer.state_tensors(), str(tmp), metadata={CHECKPOINT_KEY: json.dumps(meta)})
-    tmp.replace(path)
-
-
-def _load_checkpoint(path: Path, trainer: Trainer, config: TrainConfig, header: dict[str, Any]) -> dict[str, Any]:
-    """Restore a checkpoint into ``trainer``; it must come from a run with the same options and data."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise InputError(path, "there is no checkpoint to resume from (train without --resume first)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})[CHECKPOINT_KEY])
-        tensors = load_file(str(path))
-    except Exception as error:  # noqa: BLE001 - any failure to parse means the checkpoint is unusable
-        raise InputError(path, f"the checkpoint cannot be read ({error})") from None
-    saved = dict(meta["config"])
-    current = dataclasses.asdict(config)
-    changed = [k for k in current if k not in ("epochs", "device", "precision") and saved.get(k) != current[k]]
-    if changed:
-        raise InputError(path, f"the checkpoint was made with other options ({', '.join(changed)}); "
-                               "resume with the same options or start a new training")
-    if meta["header"]["geometry"] != header["geometry"] or meta["header"]["classes"] != header["classes"]:
-        raise InputError(path, "the checkpoint was made on other data (slice geometry or classes differ)")
-    trainer.load_state_tensors({k: v.to(trainer.device) for k, v in tensors.items()})
-    return meta["state"]

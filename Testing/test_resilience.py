@@ -1,0 +1,200 @@
+"""Nothing lost: atomic writes, checksummed checkpoints, locks, discarded non-finite steps, stop/resume, kills."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from isdnet.checkpoint import load_latest, previous_path, read_checkpoint, save_checkpoint
+from isdnet.data import load_dataset
+from isdnet.errors import InputError, TrainingError
+from isdnet.files import OutputLock, write_atomically
+from isdnet.modelfile import load_model
+from isdnet.phantoms import write_phantom_dataset
+from isdnet.progress import Progress
+from isdnet.train import TrainConfig, Trainer, checkpoint_path, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PHANTOM = dict(shape=(12, 48, 48), spacing=(1.5, 1.5, 3.0))
+TINY = dict(base_channels=4, discriminator_channels=4, importance_channels=8, batch_size=4, precision="fp32",
+            device="cpu", learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_phantom_dataset(tmp_path_factory.mktemp("resilience"), 6, seed=5, **PHANTOM)
+
+
+def tensors(value=1.0):
+    return {"a": torch.full((3, 2), value), "b": torch.arange(4, dtype=torch.float32)}
+
+
+def test_checkpoint_round_trip_and_previous_kept(tmp_path):
+    path = tmp_path / "m.checkpoint.safetensors"
+    save_checkpoint(path, tensors(1.0), {"epoch": 1})
+    save_checkpoint(path, tensors(2.0), {"epoch": 2})
+    loaded, meta = read_checkpoint(path)
+    assert meta == {"epoch": 2} and torch.equal(loaded["a"], tensors(2.0)["a"])
+    assert read_checkpoint(previous_path(path))[1] == {"epoch": 1}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    path = tmp_path / "m.checkpoint.safetensors"
+    save_checkpoint(path, tensors(1.0), {"epoch": 1})
+    save_checkpoint(path, tensors(2.0), {"epoch": 2})
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(len(data)))
+    else:  # a well-formed file whose tensors no longer match the checksum it carries
+        with safetensors.safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        safetensors.torch.save_file(tensors(9.0), str(path), metadata=metadata)
+    with pytest.raises(InputError, match="checksum" if damage == "checksum" else "not a complete checkpoint"):
+        read_checkpoint(path)
+    reports = []
+    loaded, meta, used = load_latest(path, report=reports.append)
+    assert meta == {"epoch": 1} and used == previous_path(path)
+    assert reports and path.name in reports[0]
+
+
+def test_missing_checkpoint_says_so(tmp_path):
+    with pytest.raises(InputError, match="no checkpoint to resume from"):
+        load_latest(tmp_path / "m.checkpoint.safetensors")
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    path = tmp_path / "m.checkpoint.safetensors"
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(path, {"a": torch.tensor([1.0, float("nan")])}, {})
+    assert not path.exists()
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old contents")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(InputError, match="No space left on device") as error:
+        write_atomically(path, b"new contents")
+    assert str(path) in str(error.value)
+    assert path.read_bytes() == b"old contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_two_trainings_cannot_write_the_same_output(tmp_path):
+    out = tmp_path / "model.safetensors"
+    with OutputLock(out):
+        with pytest.raises(TrainingError, match="another training is writing this model"):
+            with OutputLock(out):
+                pass
+    with OutputLock(out):  # released again
+        pass
+
+
+def test_non_finite_loss_discards_the_update():
+    trainer = Trainer(TrainConfig(method="isdnet", **TINY), 3, torch.device("cpu"), torch.float32)
+    before = {k: v.clone() for k, v in trainer.state_tensors().items()}
+    x = torch.randn(2, 1, 32, 32)
+    x[0, 0, 3, 3] = float("nan")
+    losses = trainer.train_step(x, torch.zeros(2, 32, 32, dtype=torch.long), torch.randn(2, 1, 32, 32))
+    assert losses["discarded"] >= 1
+    assert trainer.weights_are_finite()
+    after = trainer.state_tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("net.S."))
+
+
+class StopAt(Progress):
+    """Progress that sends this process SIGTERM at a given (epoch, iteration), like the Slicer module's Stop."""
+
+    def __init__(self, stream, at):
+        super().__init__(json_lines=True, stream=stream)
+        self.at = at
+
+    def emit(self, event, **fields):
+        super().emit(event, **fields)
+        if event == "iteration" and (fields["epoch"], fields["iteration"]) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def epoch_losses(events):
+    return [(e["epoch"], e["losses"]) for e in events if e["event"] == "epoch"]
+
+
+@pytest.mark.slow
+def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    spec = load_dataset(dataset)
+    labeled, unlabeled = spec.cases[:3], spec.cases[3:]
+    config = TrainConfig(method="isdnet", epochs=3, steps_per_epoch=4, warmup_epochs=1, seed=2, **TINY)
+    straight = Progress(json_lines=True, stream=open(tmp_path / "straight.log", "w"))
+    train(labeled, unlabeled, spec.labels, tmp_path / "a.safetensors", config, progress=straight)
+
+    out = tmp_path / "b.safetensors"
+    stopping = StopAt(open(tmp_path / "stop.log", "w"), at=(2, 2))
+    first = train(labeled, unlabeled, spec.labels, out, config, progress=stopping)
+    assert first.stopped and first.epochs_run == 1
+    assert any(e["event"] == "stopped" for e in stopping.events)
+    resumed = Progress(json_lines=True, stream=open(tmp_path / "resumed.log", "w"))
+    second = train(labeled, unlabeled, spec.labels, out, config, progress=resumed, resume=True)
+    assert not second.stopped and second.epochs_run == 3
+    start = next(e for e in resumed.events if e["event"] == "start")
+    assert (start["start_epoch"], start["start_iteration"]) == (2, 3)
+
+    expected = epoch_losses(straight.events)
+    got = epoch_losses(stopping.events) + epoch_losses(resumed.events)
+    assert [e for e, _ in got] == [1, 2, 3]
+    for (_, a), (_, b) in zip(expected, got):
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+    wa = load_model(tmp_path / "a.safetensors").segmenter.state_dict()
+    wb = load_model(out).segmenter.state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, tmp_path):
+    """Fault injection: kill the training process 20 times at random moments, resume each time."""
+    out = tmp_path / "model.safetensors"
+    base = [sys.executable, "-m", "isdnet", "train", str(dataset), "--out", str(out), "--labeled-fraction", "0.5",
+            "--epochs", "12", "--steps-per-epoch", "2", "--warmup-epochs", "2", "--base-channels", "4",
+            "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--seed", "1", "--progress-json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(60):
+        resumable = checkpoint_path(out).exists() or previous_path(checkpoint_path(out)).exists()
+        command = base + (["--resume"] if resumable else [])
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        if kills < 20:
+            time.sleep(rng.uniform(2.0, 6.0))
+            if process.poll() is None:
+                process.kill()
+                kills += 1
+            process.communicate()
+            if out.exists():  # whenever a model exists, it is complete and valid
+                load_model(out)
+            continue
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-2000:]
+        events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        assert events[-1]["event"] == "done"
+        break
+    assert kills == 20
+    model = load_model(out)
+    assert model.header["provenance"]["method"] == "isdnet"
+    state = read_checkpoint(checkpoint_path(out))[1]["state"]
+    assert state["epoch"] == 12 and [h["epoch"] for h in state["history"]] == list(range(1, 13))
+    assert not list(tmp_path.glob(".*.tmp"))
