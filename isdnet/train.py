@@ -12,8 +12,11 @@ whole job from cases on disk to a model file. The method option selects the rows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
+import os
 import random
 import signal
 import tempfile
@@ -27,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import checkpoint_path, load_latest, save_checkpoint
 from .data import (
@@ -43,6 +46,7 @@ from .data import (
     read_image,
     read_label,
 )
+from .distributed import ProcessGroup, init_from_environment, shutdown
 from .errors import InputError, TrainingError
 from .files import OutputLock
 from .infer import predict_slices
@@ -143,9 +147,11 @@ class SegmenterStep:
 class Trainer:
     """The three networks, their losses and Adam optimisers, and one iteration of the paper's schedule."""
 
-    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device, dtype: torch.dtype,
+                 group: Optional[ProcessGroup] = None):
         config.validate()
         self.config = config
+        self.group = group or ProcessGroup()
         self.num_classes = num_classes
         self.device = device
         self.dtype = dtype
@@ -161,6 +167,8 @@ class Trainer:
             self.discriminator = kind(num_classes, config.discriminator_channels).to(device)
         if config.uses_importance:
             self.importance = ImportanceNet(self.segmenter.feature_channels, config.importance_channels).to(device)
+        for net in self.networks().values():
+            self.group.broadcast_parameters(net)
         self.optimisers = {name: torch.optim.Adam(net.parameters(), lr=config.learning_rate)
                            for name, net in self.networks().items()}
         self.discarded: list[str] = []  # networks whose update was discarded for a non-finite loss or gradient
@@ -264,15 +272,17 @@ class Trainer:
         return loss.item()
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
-        """Back-propagate and step, unless the loss or a gradient is not finite: then the step is discarded."""
+        """Back-propagate, average gradients over ranks and step; a non-finite loss or gradient on any rank
+        discards the step on every rank, so the networks stay identical everywhere."""
         optimiser = self.optimisers[name]
         optimiser.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if self.group.any(not bool(torch.isfinite(loss)), self.device):
             self.discarded.append(name)
             return
         loss.backward()
-        grads = [p.grad for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
-        if not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        params = [p for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
+        self.group.average_gradients(params)
+        if not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
             optimiser.zero_grad(set_to_none=True)
             self.discarded.append(name)
             return
@@ -336,12 +346,24 @@ def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
-def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Endless shuffled batches, the shuffle fixed by ``seed`` so a resumed epoch sees the same batches."""
-    generator = torch.Generator().manual_seed(seed)
-    drop_last = len(dataset) >= batch_size
-    while True:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int,
+                      group: ProcessGroup) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled batches, the shuffle fixed by ``seed`` so a resumed epoch sees the same batches.
+
+    In a distributed run each rank draws from its own shard of the slices (a DistributedSampler).
+    """
+    if not group.active:
+        generator = torch.Generator().manual_seed(seed)
+        drop_last = len(dataset) >= batch_size
+        while True:
+            yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                                  drop_last=drop_last)
+    sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=True, seed=seed,
+                                 drop_last=len(dataset) >= group.world_size * batch_size)
+    for pass_index in itertools.count():
+        sampler.set_epoch(pass_index)
+        yield from DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                              drop_last=len(sampler) >= batch_size)
 
 
 def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume], num_classes: int,
@@ -417,17 +439,26 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         raise InputError(out.parent, "the output folder does not exist")
     if sorted(labels)[0] != 0:
         raise TrainingError(f"the labels must include 0 (background), got {sorted(labels)}")
-    with OutputLock(out), StopRequest() as stop, \
-            tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
-        return _TrainingRun(labeled, unlabeled, labels, out, config, colors, progress, Path(cache)).run(resume, stop)
+    group = init_from_environment(config.device)
+    if not group.is_main:
+        progress = Progress(json_lines=True, stream=open(os.devnull, "w"))  # noqa: SIM115 - rank 0 reports
+    try:
+        with OutputLock(out) if group.is_main else contextlib.nullcontext(), StopRequest() as stop, \
+                tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
+            run = _TrainingRun(labeled, unlabeled, labels, out, config, colors, progress, Path(cache), group)
+            return run.run(resume, stop)
+    finally:
+        shutdown(group)
 
 
 class _TrainingRun:
     """One training job: the data prepared once, then epochs of iterations with validation and checkpoints."""
 
     def __init__(self, labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
-                 config: TrainConfig, colors: Optional[dict[int, list[int]]], progress: Progress, cache: Path):
+                 config: TrainConfig, colors: Optional[dict[int, list[int]]], progress: Progress, cache: Path,
+                 group: ProcessGroup):
         self.started = time.monotonic()
+        self.group = group
         self.config, self.out, self.progress = config, out, progress
         self.values = sorted(labels)
         self.device = resolve_device(config.device)
@@ -445,7 +476,7 @@ class _TrainingRun:
         self.unlabeled_set = (SliceDataset(unlabeled_volumes, self.geometry.size, labeled=False, random_crop=True,
                                            seed=config.seed) if unlabeled_volumes else None)
         self.val_volumes = list(self._prepared(val_pairs))
-        self.trainer = Trainer(config, len(self.values), self.device, self.dtype)
+        self.trainer = Trainer(config, len(self.values), self.device, self.dtype, group)
         self.steps = config.steps_per_epoch or max(1, math.ceil(len(self.labeled_set) / config.batch_size))
         self.header = _model_header(config, labels, colors, self.geometry, self.trainer, dict(
             labeled_cases=len(train_cases), validation_cases=len(val_cases), unlabeled_cases=len(unlabeled),
@@ -495,7 +526,7 @@ class _TrainingRun:
                 eta = (time.monotonic() - run_started) / run_steps * (total_steps - run_steps)
                 self.progress.emit("iteration", epoch=epoch, iteration=iteration, iterations=self.steps,
                                    losses=_rounded(losses), eta_s=round(eta, 1))
-                if stop.requested and iteration < self.steps:
+                if self.group.any(stop.requested, self.device) and iteration < self.steps:
                     self._checkpoint(epoch - 1)
                     self.progress.emit("stopped", epoch=epoch, iteration=iteration,
                                        message="training stopped; resume continues from here")
@@ -506,7 +537,7 @@ class _TrainingRun:
                                    "rolled back to the last good state")
             good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
             self._end_epoch(epoch, run_started, run_steps, total_steps)
-            if stop.requested and epoch < config.epochs:
+            if self.group.any(stop.requested, self.device) and epoch < config.epochs:
                 self.progress.emit("stopped", epoch=epoch, iteration=self.steps,
                                    message="training stopped; resume continues from here")
                 return self._result(stopped=True)
@@ -520,11 +551,11 @@ class _TrainingRun:
         seed = config.seed * 100_003 + epoch
         semi = self.unlabeled_set is not None and epoch > config.warmup_epochs
         self.labeled_set.reseed(seed)
-        labeled = _shuffled_batches(self.labeled_set, config.batch_size, seed)
+        labeled = _shuffled_batches(self.labeled_set, config.batch_size, seed, self.group)
         unlabeled = None
         if semi:
             self.unlabeled_set.reseed(seed + 7)
-            unlabeled = _shuffled_batches(self.unlabeled_set, config.batch_size, seed + 7)
+            unlabeled = _shuffled_batches(self.unlabeled_set, config.batch_size, seed + 7, self.group)
         augmenter = torch.Generator().manual_seed(seed + 13)
         while True:
             x_l, y_l = next(labeled)
@@ -540,8 +571,8 @@ class _TrainingRun:
         state, config = self.state, self.config
         means = {k: v / self.steps for k, v in state["sums"].items()}
         val = (validation_dice(self.trainer.segmenter, self.val_volumes, len(self.values), self.device, self.dtype,
-                               config.batch_size) if self.val_volumes else None)
-        if val is None or state["best_val_dice"] is None or val > state["best_val_dice"]:
+                               config.batch_size) if self.val_volumes and self.group.is_main else None)
+        if self.group.is_main and (val is None or state["best_val_dice"] is None or val > state["best_val_dice"]):
             state["best_val_dice"], state["best_epoch"] = val, epoch
             self.header["provenance"]["validation"] = {"dice": val, "epoch": epoch}
             self.header["provenance"]["training_time_s"] = round(time.monotonic() - self.started, 1)
@@ -559,10 +590,13 @@ class _TrainingRun:
                            eta_s=round(elapsed / max(run_steps, 1) * (total_steps - run_steps), 1))
 
     def _checkpoint(self, epoch: int) -> Path:
+        """Write the checkpoint (rank 0 only; the others wait so that none runs ahead of a stop)."""
         self.state["epoch"] = epoch
         path = checkpoint_path(self.out)
-        meta = {"config": dataclasses.asdict(self.config), "header": self.header, "state": self.state}
-        save_checkpoint(path, self.trainer.state_tensors(), meta)
+        if self.group.is_main:
+            meta = {"config": dataclasses.asdict(self.config), "header": self.header, "state": self.state}
+            save_checkpoint(path, self.trainer.state_tensors(), meta)
+        self.group.barrier()
         return path
 
     def _resume(self) -> None:
