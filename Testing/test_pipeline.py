@@ -200,3 +200,15 @@ def test_cli_on_real_hippocampus_cases(tmp_path):
     image = sitk.ReadImage(images[0])
     assert pred.GetSize() == image.GetSize() and pred.GetOrigin() == image.GetOrigin()
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_demo_writes_every_output(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("model.safetensors", "demo.png", "metrics.json"):
+        assert (tmp_path / name).exists() and str(tmp_path / name) in printed
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["dice"] <= 1.0 and len(metrics["cases"]) == 4
+    segs = sorted(p.name for p in (tmp_path / "segmentations").glob("*.seg.nrrd"))
+    assert len(segs) == 4
