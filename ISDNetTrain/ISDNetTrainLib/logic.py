@@ -224,6 +224,8 @@ class TrainLogic:
             s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
         elif kind == "error":
             self._error_message = str(event.get("message", ""))
+        elif kind in ("message", "nonfinite", "rollback"):
+            s.message = str(event.get("message", ""))  # the engine's own plain-words notice
 
     def _finish(self, returncode: int) -> None:
         s = self.status
