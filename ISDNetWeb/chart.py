@@ -1,0 +1,57 @@
+"""The loss and Dice chart of a training as a small SVG, from TrainLogic's per-epoch history."""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+from ISDNetTrainLib.logic import LOSS_TITLES, SERIES_COLORS, VAL_DICE
+
+WIDTH, HEIGHT, MARGIN = 330, 170, 28
+
+
+def _css_color(rgb: tuple[float, float, float]) -> str:
+    return "rgb({},{},{})".format(*(int(round(255 * c)) for c in rgb))
+
+
+def training_chart(history: dict[int, dict[str, float]]) -> str:
+    """An SVG with one polyline per loss (left scale, 0 to the largest value) and the validation Dice (0-1)."""
+    epochs = sorted(history)
+    keys = [k for k in LOSS_TITLES if any(k in history[e] for e in epochs)]
+    keys += sorted({k for e in epochs for k in history[e]} - set(keys) - {VAL_DICE})
+    if any(VAL_DICE in history[e] for e in epochs):
+        keys.append(VAL_DICE)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+             f'viewBox="0 0 {WIDTH} {HEIGHT}" font-size="10" font-family="sans-serif" class="isdnet-chart">',
+             f'<rect x="{MARGIN}" y="8" width="{WIDTH - MARGIN - 8}" height="{HEIGHT - MARGIN - 8}" '
+             'fill="none" stroke="#888"/>']
+    if not epochs:
+        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" fill="#888">'
+                     'no epoch finished yet</text></svg>')
+        return "".join(parts)
+    finite = [v for e in epochs for k, v in history[e].items() if k != VAL_DICE and math.isfinite(v)]
+    top = max([1.0, *finite]) if finite else 1.0
+    span = max(1, epochs[-1] - epochs[0])
+
+    def xy(epoch: int, value: float, scale: float) -> str:
+        x = MARGIN + (epoch - epochs[0]) / span * (WIDTH - MARGIN - 8)
+        y = 8 + (1 - value / scale) * (HEIGHT - MARGIN - 8)
+        return f"{x:.1f},{y:.1f}"
+
+    for index, key in enumerate(keys):
+        scale = 1.0 if key == VAL_DICE else top
+        points = [xy(e, history[e][key], scale) for e in epochs
+                  if key in history[e] and math.isfinite(history[e][key])]
+        color = _css_color(SERIES_COLORS[index % len(SERIES_COLORS)])
+        dash = ' stroke-dasharray="4 3"' if key == VAL_DICE else ""
+        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
+        for point in points:
+            x, y = point.split(",")
+            parts.append(f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>')
+        title = "validation Dice" if key == VAL_DICE else LOSS_TITLES.get(key, key)
+        parts.append(f'<text x="{MARGIN + 4}" y="{20 + 11 * index}" fill="{color}">{escape(title)}</text>')
+    parts.append(f'<text x="{MARGIN - 3}" y="14" text-anchor="end" fill="#888">{top:.2g}</text>'
+                 f'<text x="{MARGIN - 3}" y="{HEIGHT - MARGIN}" text-anchor="end" fill="#888">0</text>'
+                 f'<text x="{WIDTH - 8}" y="{HEIGHT - 8}" text-anchor="end" fill="#888">epoch {epochs[-1]}</text>'
+                 f'<text x="{MARGIN}" y="{HEIGHT - 8}" fill="#888">epoch {epochs[0]}</text></svg>')
+    return "".join(parts)

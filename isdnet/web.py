@@ -1,0 +1,52 @@
+"""``isdnet web``: serve the train-and-segment workflow in a browser (the app lives in ISDNetWeb/).
+
+Only the options are defined here; trame-slicer and the app are imported when the command runs, so ``isdnet``
+stays importable without Slicer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import ISDNetError
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN_VARIABLE = "ISDNET_WEB_TOKEN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", type=Path, default=Path("isdnet-workspace"),
+                        help="the only folder the app reads and writes (created if missing)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on; anything but loopback needs --token")
+    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed at start)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE),
+                        help=f"access token (at least 16 characters; default ${TOKEN_VARIABLE}); open the page "
+                        "with ?token=...")
+    parser.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted from the browser")
+    parser.add_argument("--train-options", default="",
+                        help="extra 'isdnet train' options for every training, e.g. \"--base-channels 16\"")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+
+
+def run(args: argparse.Namespace) -> None:
+    for path in (ROOT, ROOT / "ISDNetTrain", ROOT / "ISDNetSegment"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    try:
+        from ISDNetWeb.app import WebOptions, serve
+        from ISDNetWeb.security import check_serving
+    except ModuleNotFoundError as error:
+        raise ISDNetError(f"the web app needs {error.name}: install it with "
+                          "pip install \"trame-slicer[standalone]==2.0.0\" and run from a source checkout "
+                          "(ISDNetWeb/ beside isdnet/)") from None
+    if args.max_upload_mb < 1:
+        raise ISDNetError("--max-upload-mb must be at least 1")
+    check_serving(args.host, args.token)
+    serve(WebOptions(workspace=args.workspace, host=args.host, port=args.port, token=args.token,
+                     max_upload_bytes=args.max_upload_mb * 2**20,
+                     train_arguments=shlex.split(args.train_options), device=args.device))
