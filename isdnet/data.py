@@ -553,6 +553,28 @@ def _resampled_extent(size: int, old_spacing: float, new_spacing: float) -> int:
     return max(1, round(size * old_spacing / new_spacing))
 
 
+@dataclass(frozen=True)
+class ImageGrid:
+    """An image's grid without its voxels: all ``plan_geometry`` reads, so planning never holds whole volumes."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> ImageGrid:
+        return cls(image.GetSize(), image.GetSpacing(), image.GetDirection())
+
+    def GetSize(self) -> tuple[int, ...]:  # noqa: N802 - the SimpleITK names, so an ImageGrid stands in for an image
+        return self.size
+
+    def GetSpacing(self) -> tuple[float, ...]:  # noqa: N802
+        return self.spacing
+
+    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802
+        return self.direction
+
+
 def plan_geometry(images: Sequence[sitk.Image], slice_axis: str = "auto", spacing: Any = None,
                   size: Any = None, max_size: int = 512) -> SliceGeometry:
     """Slice geometry for a training set: the median in-plane spacing and the largest resampled extent

@@ -36,6 +36,7 @@ from .checkpoint import checkpoint_path, load_latest, save_checkpoint
 from .data import (
     NORMALISATION,
     Case,
+    ImageGrid,
     PreparedVolume,
     SliceDataset,
     SliceGeometry,
@@ -380,16 +381,6 @@ def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume
     return float(np.mean(scores))
 
 
-def _read_volumes(cases: Sequence[Case], label_values: Sequence[int]) -> list[tuple[Any, Any]]:
-    """(image, label or None) for each case, read and checked."""
-    pairs = []
-    for case in cases:
-        image = read_image(case.image)
-        label = read_label(case.label, image, label_values) if case.label is not None else None
-        pairs.append((image, label))
-    return pairs
-
-
 def _label_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
     """Map label values (which need not be 0..C-1) to class indices."""
     lookup = np.zeros(256, dtype=np.uint8)
@@ -465,17 +456,16 @@ class _TrainingRun:
         self.dtype = resolve_precision(config.precision, self.device)
         unlabeled = list(unlabeled) if config.uses_unlabeled else []
         train_cases, val_cases = split_validation(labeled, config.validation_fraction, config.seed)
-        train_pairs = _read_volumes(train_cases, self.values)
-        val_pairs = _read_volumes(val_cases, self.values)
-        unlabeled_pairs = _read_volumes(unlabeled, self.values)
-        self.geometry = plan_geometry([image for image, _ in train_pairs + unlabeled_pairs], config.slice_axis,
-                                      spacing=config.slice_spacing, size=config.slice_size)
-        self.labeled_set = SliceDataset(cache_volumes(self._prepared(train_pairs), cache / "labeled"),
+        # Two passes, one volume in memory at a time: grids to plan the slice geometry, then slices to the cache.
+        grids = [ImageGrid.of(read_image(case.image)) for case in [*train_cases, *unlabeled]]
+        self.geometry = plan_geometry(grids, config.slice_axis, spacing=config.slice_spacing,
+                                      size=config.slice_size)
+        self.labeled_set = SliceDataset(cache_volumes(self._prepared(train_cases), cache / "labeled"),
                                         self.geometry.size, labeled=True, random_crop=True, seed=config.seed)
-        unlabeled_volumes = cache_volumes(self._prepared(unlabeled_pairs), cache / "unlabeled")
+        unlabeled_volumes = cache_volumes(self._prepared(unlabeled), cache / "unlabeled")
         self.unlabeled_set = (SliceDataset(unlabeled_volumes, self.geometry.size, labeled=False, random_crop=True,
                                            seed=config.seed) if unlabeled_volumes else None)
-        self.val_volumes = list(self._prepared(val_pairs))
+        self.val_volumes = list(self._prepared(val_cases))
         self.trainer = Trainer(config, len(self.values), self.device, self.dtype, group)
         self.steps = config.steps_per_epoch or max(1, math.ceil(len(self.labeled_set) / config.batch_size))
         self.header = _model_header(config, labels, colors, self.geometry, self.trainer, dict(
@@ -486,8 +476,11 @@ class _TrainingRun:
         self.state: dict[str, Any] = dict(epoch=0, iteration=0, sums={}, best_val_dice=None, best_epoch=0,
                                           history=[])
 
-    def _prepared(self, pairs: list[tuple[Any, Any]]) -> Iterator[PreparedVolume]:
-        for image, label in pairs:
+    def _prepared(self, cases: Sequence[Case]) -> Iterator[PreparedVolume]:
+        """Each case read, checked and cut into model slices, one at a time."""
+        for case in cases:
+            image = read_image(case.image)
+            label = read_label(case.label, image, self.values) if case.label is not None else None
             volume = prepare_volume(image, self.geometry, label)
             if volume.label is not None:
                 volume.label = _label_indices(volume.label, self.values)
