@@ -1,0 +1,91 @@
+"""``isdnet bench accuracy``: run planning, the report, and the --quick path end to end on real hippocampus MRI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from isdnet import bench_accuracy
+from isdnet.cli import main
+from isdnet.data import Case
+
+HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hippocampus"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_accuracy.add_arguments(parser)
+    return parser.parse_args(["dataset", *argv])
+
+
+def test_default_plan_is_the_issues_48_runs_seed_major():
+    runs = bench_accuracy.plan_runs(parse())
+    assert len(runs) == 5 * 3 * 3 + 3
+    assert len({r.name for r in runs}) == len(runs)
+    assert [r.seed for r in runs[:16]] == [0] * 16, "every cell of seed 0 comes before seed 1"
+    assert {r.key for r in runs} == {"1/2", "1/8", "1/16", "full"}
+    assert all(r.method == "baseline" for r in runs if r.key == "full")
+
+
+def test_grid_changes_one_hyperparameter_at_a_time():
+    grid = [r for r in bench_accuracy.plan_runs(parse("--grid", "--no-full")) if r.overrides]
+    assert len(grid) == 2 + 2 + 3
+    assert all(len(r.overrides) == 1 and r.method == "isdnet" for r in grid)
+
+
+def test_every_run_gets_the_same_steps_of_s():
+    args = parse("--steps", "100", "--epochs", "8")
+    configs = [bench_accuracy.train_config(args, r) for r in bench_accuracy.plan_runs(args)]
+    assert {c.epochs * c.steps_per_epoch for c in configs} == {104}
+    assert {c.seed for c in configs} == {0, 1, 2}
+
+
+def test_fraction_labels():
+    assert [bench_accuracy.fraction_label(f) for f in (0.5, 0.125, 0.0625, 1.0)] == ["1/2", "1/8", "1/16", "full"]
+
+
+def test_split_without_splits_file_is_fixed_and_disjoint(tmp_path):
+    cases = [Case(f"c{i}", tmp_path / f"c{i}.nii.gz", tmp_path / f"l{i}.nii.gz") for i in range(10)]
+    train, test = bench_accuracy.split_cases(tmp_path, cases, 0.2)
+    assert len(test) == 2 and not {c.name for c in train} & {c.name for c in test}
+    assert bench_accuracy.split_cases(tmp_path, cases, 0.2) == (train, test)
+
+
+def test_targets_compare_gain_with_seed_spread():
+    def cell(mean, sd):
+        return {"dice": (mean, sd), "seeds": [0, 1, 2]}
+
+    summary = {"1/8|baseline": cell(0.70, 0.01), "1/8|isdnet": cell(0.73, 0.005),
+               "1/8|hung": cell(0.74, 0.01), "1/8|adv": cell(0.70, 0.0), "1/8|adv-classifier": cell(0.69, 0.0)}
+    lines = bench_accuracy.targets(summary)
+    assert "+3.00 Dice points" in lines[0] and "**met**" in lines[0]
+    assert "isdnet - hung" in lines[1] and "**missed**" in lines[1]
+    assert "adv - adv-classifier" in lines[2] and "**met**" in lines[2]
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"{HIPPOCAMPUS} is absent: the real-MRI benchmark test "
+                    "needs the Decathlon hippocampus dataset there")
+def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
+    code = main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+                 "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "isdnet",
+                 "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"])
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["summary"]) == {"1/2|baseline", "1/2|isdnet"}
+    runs = {r["method"]: r for r in report["runs"]}
+    assert runs["isdnet"]["labeled_cases"] == 3 and runs["isdnet"]["unlabeled_cases"] == 3
+    assert runs["baseline"]["steps"] == runs["isdnet"]["steps"] == 4
+    assert len(runs["isdnet"]["metrics"]["cases"]) == 2
+    assert "unlabeled" in runs["isdnet"]["importance"]
+    assert (tmp_path / "results.png").stat().st_size > 0
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| isdnet |" in markdown and "Targets" in markdown
+    assert "| isdnet |" in capsys.readouterr().out
+    # A second invocation reuses the finished runs instead of training again.
+    assert main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+                 "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "isdnet",
+                 "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["runs_reused"] == 2

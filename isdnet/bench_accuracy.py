@@ -1,0 +1,489 @@
+"""``isdnet bench accuracy``: the paper's ablation (Table 3) on a Decathlon-layout dataset, as a rerunnable table.
+
+Every method of ``train.METHODS`` is trained at each labeled fraction with each seed (the seed draws the labeled
+cases and initialises the networks), plus the full-label ``baseline`` as the upper bound. All runs get the same
+number of optimisation steps of S, whatever the method or fraction, and keep the epoch with the best Dice on a
+validation part of their labeled cases. Each model is scored on a held-out test split at the original grid.
+
+Each run leaves ``runs/<name>.json`` (metrics, per-epoch losses, D0's weights) in the output folder, so an
+interrupted benchmark resumes where it stopped; the report (Markdown, JSON, PNG) is rebuilt from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
+
+from .data import Case, SliceGeometry, load_dataset, prepare_volume, read_image, split_labeled
+from .errors import InputError
+from .infer import segment
+from .metrics import evaluate_cases
+from .modelfile import load_model
+from .networks import ImportanceNet, SUNet
+from .progress import Progress
+from .train import METHODS, TrainConfig, checkpoint_path, train
+
+DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
+FULL = "full"  # the fraction key of the full-label baseline
+# Table 2 of the paper: each hyperparameter varied alone around the defaults, for isdnet.
+GRID = {"lambda_adv": (1e-4, 1e-3, 5e-3), "lambda_semi": (0.5, 1.0, 5.0), "t_semi": (0.0, 0.1, 0.5, 1.0)}
+QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, epochs=2, warmup_epochs=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``isdnet bench accuracy``; the defaults fit the hippocampus table in under 3 h on 2 cores."""
+    parser.add_argument("dataset", type=Path, help="dataset folder (Decathlon layout); a splits.json with "
+                        "'train' and 'test' case lists fixes the test split")
+    parser.add_argument("--out", type=Path, default=Path("bench-output/accuracy"),
+                        help="work folder: models, logs, one JSON per run (reused to resume)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="report path without extension (.md, .json, .png); default: <out>/results")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=list(DEFAULT_FRACTIONS),
+                        help="labeled fractions of the training cases (default 1/2 1/8 1/16)")
+    parser.add_argument("--no-full", action="store_true", help="leave out the full-label baseline")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=600, help="optimisation steps of S, the same for every run")
+    parser.add_argument("--epochs", type=int, default=8, help="the steps are spread over this many epochs")
+    parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs on labeled data only")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--slice-size", type=int, nargs=2, default=[48, 48], metavar=("ROWS", "COLS"))
+    parser.add_argument("--lambda-adv", type=float, default=TrainConfig.lambda_adv)
+    parser.add_argument("--lambda-semi", type=float, default=TrainConfig.lambda_semi)
+    parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
+    parser.add_argument("--validation-fraction", type=float, default=0.2)
+    parser.add_argument("--precision", default="fp32", help="fp32 is faster than bf16 for small widths on CPUs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cases", type=int, default=None, help="use only the first N training cases")
+    parser.add_argument("--test-cases", type=int, default=None, help="score only the first N test cases")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="without splits.json: the seeded share of cases held out for testing")
+    parser.add_argument("--grid", action="store_true",
+                        help="also run the paper's Table 2 grid for isdnet (first fraction, first seed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in minutes (explicit options override it): "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the table: method, labeled fraction (1.0 = full labels), seed and overrides."""
+
+    method: str
+    fraction: float
+    seed: int
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return FULL if self.fraction == 1.0 else fraction_label(self.fraction)
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"_{k}{v:g}" for k, v in self.overrides)
+        return f"{self.method}_{self.key.replace('/', 'of')}_seed{self.seed}{extra}"
+
+
+def fraction_label(fraction: float) -> str:
+    """1/8 for 0.125: the way the paper names labeled fractions."""
+    f = Fraction(fraction).limit_denominator(64)
+    return str(f) if f.denominator > 1 else FULL
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """Seed-major order, so an interrupted benchmark still has every cell for the first seeds."""
+    runs = []
+    for seed in args.seeds:
+        for fraction in args.fractions:
+            runs += [Run(method, fraction, seed) for method in args.methods]
+        if not args.no_full:
+            runs.append(Run("baseline", 1.0, seed))
+    if args.grid:
+        for name, values in GRID.items():
+            runs += [Run("isdnet", args.fractions[0], args.seeds[0], ((name, v),))
+                     for v in values if v != getattr(args, name)]
+    return runs
+
+
+def split_cases(dataset: Path, cases: Sequence[Case], test_fraction: float) -> tuple[list[Case], list[Case]]:
+    """Train and test cases: from ``splits.json`` when the dataset has one, else a fixed seeded split."""
+    by_name = {c.name: c for c in cases}
+    splits_path = dataset / "splits.json"
+    if splits_path.is_file():
+        splits = json.loads(splits_path.read_text())
+        missing = [n for n in splits.get("train", []) + splits.get("test", []) if n not in by_name]
+        if missing or not splits.get("train") or not splits.get("test"):
+            raise InputError(splits_path, "needs non-empty 'train' and 'test' lists of the dataset's labeled cases"
+                             + (f"; unknown: {', '.join(missing[:5])}" if missing else ""))
+        return [by_name[n] for n in splits["train"]], [by_name[n] for n in splits["test"]]
+    order = sorted(by_name)
+    random.Random(0).shuffle(order)
+    n_test = max(1, round(test_fraction * len(order)))
+    test = set(order[:n_test])
+    return [c for c in cases if c.name not in test], [c for c in cases if c.name in test]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One run
+
+
+def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
+    """The run's TrainConfig: the same epochs and steps per epoch for every method and fraction."""
+    config = TrainConfig(
+        method=run.method, epochs=args.epochs, steps_per_epoch=math.ceil(args.steps / args.epochs),
+        batch_size=args.batch_size, lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
+        warmup_epochs=args.warmup_epochs, base_channels=args.base_channels, slice_size=list(args.slice_size),
+        validation_fraction=args.validation_fraction, seed=run.seed, device=args.device, precision=args.precision)
+    return dataclasses.replace(config, **dict(run.overrides))
+
+
+def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
+            labels: dict[int, str], folder: Path) -> dict[str, Any]:
+    """Train one run, score it on the test cases and gather the diagnostics; returns the run's record."""
+    labeled, unlabeled = split_labeled(train_cases, run.fraction, run.seed) if run.fraction < 1 else (
+        list(train_cases), [])
+    model = folder / f"{run.name}.safetensors"
+    started = time.monotonic()
+    with open(folder / f"{run.name}.log.jsonl", "w") as log:
+        result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log))
+    train_time = time.monotonic() - started
+    started = time.monotonic()
+    loaded = load_model(model)
+    pairs = ((case.name, segment(case.image, loaded, batch_size=64, device=config.device,
+                                 precision=config.precision).labels, sitk.ReadImage(str(case.label)))
+             for case in test_cases)
+    metrics = evaluate_cases(pairs, sorted(labels))
+    record = dict(
+        name=run.name, method=run.method, fraction=run.fraction, key=run.key, seed=run.seed,
+        overrides=dict(run.overrides), config=dataclasses.asdict(config),
+        labeled_cases=len(labeled), unlabeled_cases=len(unlabeled) if config.uses_unlabeled else 0,
+        steps=config.epochs * (config.steps_per_epoch or 0), best_epoch=result.best_epoch,
+        best_val_dice=result.best_val_dice, train_time_s=round(train_time, 1),
+        eval_time_s=round(time.monotonic() - started, 1), metrics=metrics, history=result.history)
+    if config.uses_importance:
+        record["importance"] = importance_diagnostics(checkpoint_path(model), config, loaded.header,
+                                                      len(labels), labeled, unlabeled)
+    return record
+
+
+def importance_diagnostics(checkpoint: Path, config: TrainConfig, header: dict[str, Any], num_classes: int,
+                           labeled: Sequence[Case], unlabeled: Sequence[Case], max_cases: int = 8) -> dict[str, Any]:
+    """Weights w = 1 - D0(Z(X)) that the last epoch's S and D0 give to slices of labeled and unlabeled cases.
+
+    Shows whether D0 tells the two apart (labeled slices should get low w) and whether w varies at all.
+    """
+    tensors = load_file(str(checkpoint))
+    segmenter = SUNet(1, num_classes, config.base_channels)
+    segmenter.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("net.S.")})
+    importance = ImportanceNet(segmenter.feature_channels, config.importance_channels)
+    importance.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("net.D0.")})
+    segmenter.eval()
+    geometry = SliceGeometry.from_dict(header["geometry"])
+    stats = {}
+    for group, cases in (("labeled", labeled), ("unlabeled", unlabeled)):
+        weights = []
+        for case in list(cases)[:max_cases]:
+            slices = torch.from_numpy(np.asarray(prepare_volume(read_image(case.image), geometry).image))[:, None]
+            with torch.inference_mode():
+                _, features = segmenter.forward_features(slices.float())
+                weights.append(1 - torch.sigmoid(importance(features)))
+        if weights:
+            w = torch.cat(weights).numpy()
+            stats[group] = dict(mean=float(w.mean()), std=float(w.std()), min=float(w.min()), max=float(w.max()),
+                                slices=int(w.size))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per (fraction key, method) cell: mean and SD over seeds of each metric, plus the diagnostics."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if not r["overrides"]:
+            cells.setdefault(f"{r['key']}|{r['method']}", []).append(r)
+    summary = {}
+    for cell, runs in cells.items():
+        classes = sorted(runs[0]["metrics"]["dice_per_class"], key=int)
+        hd95 = [np.nanmean([np.nan if v is None else v for v in r["metrics"]["hd95"].values()]) for r in runs]
+        summary[cell] = dict(
+            seeds=[r["seed"] for r in runs],
+            dice=mean_sd([r["metrics"]["dice"] for r in runs]),
+            dice_per_class={c: mean_sd([r["metrics"]["dice_per_class"][c] for r in runs]) for c in classes if c != "0"},
+            global_dice=mean_sd([r["metrics"]["global_dice_mean"] for r in runs]),
+            hd95=mean_sd(hd95),
+            train_time_s=mean_sd([r["train_time_s"] for r in runs]),
+            steps=runs[0]["steps"],
+            labeled_cases=runs[0]["labeled_cases"],
+            per_seed_dice=[round(r["metrics"]["dice"], 4) for r in runs],
+            diagnostics=diagnostics(runs),
+        )
+    return summary
+
+
+def diagnostics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the issue asks to check: is D learning, how much unlabeled data passes T_semi, what w D0 gives."""
+    out: dict[str, Any] = {}
+
+    def series(key: str) -> list[list[float]]:
+        return [[e["losses"][key] for e in r["history"] if key in e["losses"]] for r in runs]
+
+    for key in ("d", "adv", "confident_fraction", "w_mean", "d0", "semi"):
+        values = [s for s in series(key) if s]
+        if values:
+            out[key] = dict(first=mean_sd([s[0] for s in values])[0], last=mean_sd([s[-1] for s in values])[0])
+    weights = [r["importance"] for r in runs if r.get("importance")]
+    for group in ("labeled", "unlabeled"):
+        if weights and all(group in w for w in weights):
+            out[f"w_{group}"] = {k: mean_sd([w[group][k] for w in weights])[0] for k in ("mean", "std", "min", "max")}
+    return out
+
+
+def _pm(pair: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
+
+
+def _keys(summary: dict[str, Any]) -> list[str]:
+    keys = {cell.split("|")[0] for cell in summary}
+    fractions = sorted((k for k in keys if k != FULL), key=lambda k: -float(Fraction(k)))
+    return fractions + ([FULL] if FULL in keys else [])
+
+
+def targets(summary: dict[str, Any]) -> list[str]:
+    """The issue's targets, each checked on the measured cells ("not run" where a cell is missing)."""
+    def cell(key: str, method: str) -> Optional[dict[str, Any]]:
+        return summary.get(f"{key}|{method}")
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    lines = []
+    for key in _keys(summary):
+        if key == FULL:
+            continue
+        base, isd = cell(key, "baseline"), cell(key, "isdnet")
+        if base and isd:
+            gain = (isd["dice"][0] - base["dice"][0]) * 100
+            spread = max(base["dice"][1], isd["dice"][1]) * 100
+            need = "gain >= 1.8 and > seed SD" if key == "1/8" else "isdnet >= baseline - seed SD"
+            ok = gain >= 1.8 and gain > spread if key == "1/8" else gain >= -spread
+            lines.append(f"- {key}: isdnet - baseline = {gain:+.2f} Dice points, seed SD {spread:.2f} "
+                         f"({len(isd['seeds'])} vs {len(base['seeds'])} seeds; {need}): {verdict(ok)}")
+        for better, worse in (("isdnet", "hung"), ("adv", "adv-classifier")):
+            a, b = cell(key, better), cell(key, worse)
+            if a and b:
+                gain = (a["dice"][0] - b["dice"][0]) * 100
+                lines.append(f"- {key}: {better} - {worse} = {gain:+.2f} Dice points: {verdict(gain > 0)}")
+    return lines or ["- no pair of methods measured yet"]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The Markdown report: header, main table, per-class table, diagnostics, targets."""
+    summary, meta = report["summary"], report["meta"]
+    keys = _keys(summary)
+    methods = [m for m in METHODS if any(f"{k}|{m}" in summary for k in keys)]
+    lines = [f"# ISDNet ablation (paper Table 3) on {meta['dataset']}", "",
+             f"- commit `{meta['commit']}`, {meta['date']}", f"- machine: {meta['machine']}",
+             f"- command: `{meta['command']}`",
+             f"- {meta['settings']}", f"- wall time of this invocation: {meta['wall_time_s'] / 60:.1f} min "
+             f"({meta['runs_done']} runs done now, {meta['runs_reused']} reused from earlier invocations)", "",
+             "Mean test Dice over the foreground classes (x100), mean ± SD over seeds (n = seeds):", "",
+             "| method | " + " | ".join(f"{k} labels" for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for method in methods:
+        row = []
+        for key in keys:
+            c = summary.get(f"{key}|{method}")
+            row.append(f"{_pm(c['dice'])} (n={len(c['seeds'])})" if c else "")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "Details per cell: Dice per class and global Dice (x100), HD95 (mm), training time (s), steps:", "",
+              "| labels | method | labeled cases | Dice per class | global Dice | HD95 | train s | steps | "
+              "Dice per seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        for method in methods:
+            c = summary.get(f"{key}|{method}")
+            if c:
+                per_class = ", ".join(f"{k}: {_pm(v)}" for k, v in c["dice_per_class"].items())
+                lines.append(f"| {key} | {method} | {c['labeled_cases']} | {per_class} | {_pm(c['global_dice'])} | "
+                             f"{_pm(c['hd95'], 1, 2)} | {c['train_time_s'][0]:.0f} | {c['steps']} | "
+                             f"{c['per_seed_dice']} |")
+    lines += ["", "Diagnostics (epoch means, first -> last epoch that has the term; means over seeds). d: confidence "
+              "net loss (2 ln 2 = 1.39 at chance), confident: share of unlabeled pixels over T_semi, w: importance "
+              "weight 1 - D0 on slices of 8 labeled / 8 unlabeled cases with the last epoch's networks:", "",
+              "| labels | method | d | confident | w_mean (training) | d0 | w labeled: mean (sd) [min, max] | "
+              "w unlabeled |", "|---|---|---|---|---|---|---|---|"]
+
+    def arrow(d: dict[str, Any], key: str) -> str:
+        return f"{d[key]['first']:.3f} -> {d[key]['last']:.3f}" if key in d else ""
+
+    def spread(d: dict[str, Any], key: str) -> str:
+        w = d.get(key)
+        return f"{w['mean']:.3f} ({w['std']:.3f}) [{w['min']:.3f}, {w['max']:.3f}]" if w else ""
+
+    for key in keys:
+        for method in methods:
+            c = summary.get(f"{key}|{method}")
+            if c and c["diagnostics"]:
+                d = c["diagnostics"]
+                lines.append(f"| {key} | {method} | {arrow(d, 'd')} | {arrow(d, 'confident_fraction')} | "
+                             f"{arrow(d, 'w_mean')} | {arrow(d, 'd0')} | {spread(d, 'w_labeled')} | "
+                             f"{spread(d, 'w_unlabeled')} |")
+    if report["grid"]:
+        lines += ["", "Table 2 grid (isdnet, one hyperparameter changed from the defaults):", "",
+                  "| change | labels | seed | Dice |", "|---|---|---|---|"]
+        lines += [f"| {g['overrides']} | {g['key']} | {g['seed']} | {g['dice'] * 100:.1f} |" for g in report["grid"]]
+    lines += ["", "Targets (from the issue):", "", *targets(summary), ""]
+    return "\n".join(lines)
+
+
+def render_chart(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: mean test Dice per method at each fraction, SD over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    keys = [k for k in _keys(summary) if k != FULL]
+    methods = [m for m in METHODS if any(f"{k}|{m}" in summary for k in keys)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        cells = [summary.get(f"{k}|{method}") for k in keys]
+        xs = [j + i * width for j, c in enumerate(cells) if c]
+        ax.bar(xs, [c["dice"][0] * 100 for c in cells if c], width, yerr=[c["dice"][1] * 100 for c in cells if c],
+               label=method, capsize=3)
+    full = summary.get(f"{FULL}|baseline")
+    if full:
+        ax.axhline(full["dice"][0] * 100, color="black", linestyle="--", label="baseline, all labels")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{k} labeled" for k in keys])
+    values = [c["dice"][0] * 100 for c in summary.values()]
+    ax.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
+    ax.set_ylabel("mean test Dice (x100)")
+    ax.set_title(f"ISDNet ablation on {report['meta']['dataset']}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine() -> str:
+    """CPU model, core count and torch version: what the timings depend on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    """The git commit of the code that ran, marked dirty when the engine has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "isdnet"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (isdnet/ modified)" if dirty else "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run (or resume) every planned run, then write the report and print the Markdown table."""
+    if args.quick:
+        defaults = argparse.ArgumentParser()
+        add_arguments(defaults)
+        for name, value in QUICK.items():
+            if getattr(args, name) == defaults.get_default(name):  # options given explicitly win over --quick
+                setattr(args, name, value)
+    if args.steps < args.epochs:
+        raise ValueError(f"--steps ({args.steps}) must be at least --epochs ({args.epochs})")
+    started = time.monotonic()
+    spec = load_dataset(args.dataset)
+    train_cases, test_cases = split_cases(args.dataset, spec.cases, args.test_fraction)
+    train_cases, test_cases = train_cases[:args.cases], test_cases[:args.test_cases]
+    folder = args.out / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    report_path = args.report or args.out / "results"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    records, done, reused = [], 0, 0
+    plan = plan_runs(args)
+    for index, planned in enumerate(plan, 1):
+        config = train_config(args, planned)
+        record_path = folder / f"{planned.name}.json"
+        settings = dict(config=dataclasses.asdict(config), train=[c.name for c in train_cases],
+                        test=[c.name for c in test_cases])
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            if record.get("settings") == settings:
+                records.append(record)
+                reused += 1
+                continue
+        print(f"[{index}/{len(plan)}] {planned.name} ...", file=sys.stderr, flush=True)
+        record = execute(planned, config, train_cases, test_cases, spec.labels, folder)
+        record["settings"] = settings
+        record_path.write_text(json.dumps(record, indent=1))
+        records.append(record)
+        done += 1
+        print(f"[{index}/{len(plan)}] {planned.name}: test Dice {record['metrics']['dice']:.4f}, "
+              f"train {record['train_time_s']:.0f} s, eval {record['eval_time_s']:.0f} s", file=sys.stderr, flush=True)
+    report = dict(
+        meta=dict(dataset=args.dataset.name, commit=commit(), machine=machine(),
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  command="isdnet bench accuracy " + " ".join(sys.argv[sys.argv.index("accuracy") + 1:])
+                  if "accuracy" in sys.argv else " ".join(sys.argv),
+                  settings=(f"{len(train_cases)} training cases (labeled/unlabeled drawn from them), "
+                            f"{len(test_cases)} test cases; {args.steps} steps of S (batch {args.batch_size}) over "
+                            f"{args.epochs} epochs, warm-up {args.warmup_epochs} epochs; width {args.base_channels}, "
+                            f"slices {args.slice_size[0]}x{args.slice_size[1]}, {args.precision}, {args.device}; "
+                            f"lambda_adv {args.lambda_adv}, lambda_semi {args.lambda_semi}, T_semi {args.t_semi}; "
+                            f"seeds {args.seeds}"),
+                  wall_time_s=time.monotonic() - started, runs_done=done, runs_reused=reused),
+        summary=summarise(records),
+        grid=[dict(overrides=r["overrides"], key=r["key"], seed=r["seed"], dice=r["metrics"]["dice"])
+              for r in records if r["overrides"]],
+        runs=[{k: v for k, v in r.items() if k not in ("settings",)} for r in records],
+    )
+    markdown = render_markdown(report)
+    report_path.with_suffix(".md").write_text(markdown)
+    report_path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    render_chart(report, report_path.with_suffix(".png"))
+    print(markdown)
