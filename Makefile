@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench-accuracy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# The paper's ablation (Table 3) on real MRI; DATASET=<folder> for another dataset, BENCH_ARGS=--quick for a smoke run.
+bench-accuracy: $(STAMP)
+	$(BIN)/isdnet bench accuracy $(or $(DATASET),../shared/data/hippocampus) --out bench-output/accuracy $(BENCH_ARGS)
