@@ -22,6 +22,7 @@ from trame.widgets import html
 from trame.widgets import vuetify3 as v3
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ISDNetLib.volumes import NodeError
 
@@ -30,7 +31,9 @@ from .security import IMAGE_ENDINGS, Upload, Workspace, WorkspaceError, access_m
 from .session import WebSession
 
 POLL_S = 0.5
-LAYOUT = "Quad View"  # axial, sagittal, coronal and 3D
+LAYOUT = "ISDNet"
+# The views in page (DOM) order: axial and sagittal in the left column, 3D and coronal in the right one.
+VIEW_ORDER = ("axial", "sagittal", "3D", "coronal")
 # PNG keeps the views exact (and their colours checkable); trame-rca's PIL JPEG fallback garbles slice views here.
 ENCODER = "png"
 
@@ -73,12 +76,16 @@ class ISDNetWebApp:
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=ENCODER)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
-        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        views = {"axial": ViewLayoutDefinition.axial_view(), "sagittal": ViewLayoutDefinition.sagittal_view(),
+                 "3D": ViewLayoutDefinition.threed_view(), "coronal": ViewLayoutDefinition.coronal_view()}
+        left, right = ([views[name] for name in VIEW_ORDER[:2]], [views[name] for name in VIEW_ORDER[2:]])
+        self.layout_manager.register_layout(LAYOUT, Layout(LayoutDirection.Horizontal, [
+            Layout(LayoutDirection.Vertical, left), Layout(LayoutDirection.Vertical, right)]))
         self.layout_manager.set_layout(LAYOUT)
         self.session = WebSession(self.slicer_app.scene, self.slicer_app.volumes_logic, self.workspace,
                                   options.train_arguments, options.device)
-        self._shown: Optional[str] = None
-        self._chart_epochs: tuple[int, ...] = ()
+        self._shown: Optional[tuple[str, str]] = None  # the volume and result the views were last fitted to
+        self._chart_epochs: Optional[tuple[int, ...]] = None
         self._poll_task: Optional[asyncio.Task] = None
         self._init_state()
         self._build_ui()
@@ -186,7 +193,7 @@ class ISDNetWebApp:
     def train(self) -> None:
         model = self.session.start_training(str(self.state.model_name), str(self.state.method),
                                             int(self.state.epochs))
-        self._chart_epochs = ()
+        self._chart_epochs = None  # redraw: a new training starts an empty chart
         self.say(f"Training {self.workspace.relative(model)}...")
         self._poll()
 
@@ -225,7 +232,7 @@ class ISDNetWebApp:
             if train.state == "done" and train.model_path:
                 s.model = self.workspace.relative(Path(train.model_path))
         s.train_state, s.train_progress = train.state, round(100 * train.fraction, 1)
-        s.train_text = train.describe()
+        s.train_text = train.describe() if train.state == "running" else train.state
         epochs = tuple(sorted(self.session.train.history))
         if epochs != self._chart_epochs:
             self._chart_epochs = epochs
@@ -262,8 +269,9 @@ class ISDNetWebApp:
             for node in (other.label, other.result):
                 if node is not None and node.GetDisplayNode() is not None:
                     node.GetDisplayNode().SetVisibility(shown and (node is other.result or other.result is None))
-        if self._shown != entry.node.GetID():
-            self._shown = entry.node.GetID()
+        shown = (entry.node.GetID(), entry.result.GetID() if entry.result is not None else "")
+        if self._shown != shown:  # a new volume, or a first result to frame in 3D
+            self._shown = shown
             display.reset_views()
 
     # ----- page
@@ -336,9 +344,8 @@ class ISDNetWebApp:
             with html.Div(classes="d-flex align-center my-2"):
                 v3.VBtn("Segment selected volume", click=self.segment, color="primary", id="segment",
                         disabled=("segment_state === 'running' || !current_volume || !model",))
-                v3.VSwitch(label="Confidence map", v_model=("show_confidence",), density="compact",
-                           hide_details=True, classes="ml-4 flex-grow-0 text-no-wrap", id="confidence",
-                           disabled=("!has_confidence",))
+            v3.VSwitch(label="Show the confidence map", v_model=("show_confidence",), density="compact",
+                       hide_details=True, id="confidence", disabled=("!has_confidence",))
             v3.VProgressLinear(model_value=("segment_progress",), height=6, color="secondary",
                                active=("segment_state === 'running'",))
             with html.Div(classes="d-flex mt-2"):

@@ -37,16 +37,17 @@ def run(args: argparse.Namespace) -> None:
     for path in (ROOT, ROOT / "ISDNetTrain", ROOT / "ISDNetSegment"):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
+    from ISDNetWeb.security import check_serving
+
+    if args.max_upload_mb < 1:
+        raise ISDNetError("--max-upload-mb must be at least 1")
+    check_serving(args.host, args.token)
     try:
         from ISDNetWeb.app import WebOptions, serve
-        from ISDNetWeb.security import check_serving
     except ModuleNotFoundError as error:
         raise ISDNetError(f"the web app needs {error.name}: install it with "
                           "pip install \"trame-slicer[standalone]==2.0.0\" and run from a source checkout "
                           "(ISDNetWeb/ beside isdnet/)") from None
-    if args.max_upload_mb < 1:
-        raise ISDNetError("--max-upload-mb must be at least 1")
-    check_serving(args.host, args.token)
     serve(WebOptions(workspace=args.workspace, host=args.host, port=args.port, token=args.token,
                      max_upload_bytes=args.max_upload_mb * 2**20,
                      train_arguments=shlex.split(args.train_options), device=args.device))
