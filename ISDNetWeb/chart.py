@@ -15,10 +15,10 @@ def _css_color(rgb: tuple[float, float, float]) -> str:
 
 
 def training_chart(history: dict[int, dict[str, float]]) -> str:
-    """An SVG with one polyline per loss (left scale, 0 to the largest value) and the validation Dice (0-1)."""
+    """An SVG with one polyline per loss of the method, each scaled to its own largest value (their sizes differ
+    by orders of magnitude), and the validation Dice on its true 0-1 scale."""
     epochs = sorted(history)
     keys = [k for k in LOSS_TITLES if any(k in history[e] for e in epochs)]
-    keys += sorted({k for e in epochs for k in history[e]} - set(keys) - {VAL_DICE})
     if any(VAL_DICE in history[e] for e in epochs):
         keys.append(VAL_DICE)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
@@ -29,8 +29,6 @@ def training_chart(history: dict[int, dict[str, float]]) -> str:
         parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" fill="#888">'
                      'no epoch finished yet</text></svg>')
         return "".join(parts)
-    finite = [v for e in epochs for k, v in history[e].items() if k != VAL_DICE and math.isfinite(v)]
-    top = max([1.0, *finite]) if finite else 1.0
     span = max(1, epochs[-1] - epochs[0])
 
     def xy(epoch: int, value: float, scale: float) -> str:
@@ -39,7 +37,8 @@ def training_chart(history: dict[int, dict[str, float]]) -> str:
         return f"{x:.1f},{y:.1f}"
 
     for index, key in enumerate(keys):
-        scale = 1.0 if key == VAL_DICE else top
+        finite = [abs(history[e][key]) for e in epochs if key in history[e] and math.isfinite(history[e][key])]
+        scale = 1.0 if key == VAL_DICE else max([1e-12, *finite])
         points = [xy(e, history[e][key], scale) for e in epochs
                   if key in history[e] and math.isfinite(history[e][key])]
         color = _css_color(SERIES_COLORS[index % len(SERIES_COLORS)])
@@ -48,9 +47,9 @@ def training_chart(history: dict[int, dict[str, float]]) -> str:
         for point in points:
             x, y = point.split(",")
             parts.append(f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>')
-        title = "validation Dice" if key == VAL_DICE else LOSS_TITLES.get(key, key)
+        title = "validation Dice" if key == VAL_DICE else f"{LOSS_TITLES[key]} (max {scale:.3g})"
         parts.append(f'<text x="{MARGIN + 4}" y="{20 + 11 * index}" fill="{color}">{escape(title)}</text>')
-    parts.append(f'<text x="{MARGIN - 3}" y="14" text-anchor="end" fill="#888">{top:.2g}</text>'
+    parts.append(f'<text x="{MARGIN - 3}" y="14" text-anchor="end" fill="#888">max</text>'
                  f'<text x="{MARGIN - 3}" y="{HEIGHT - MARGIN}" text-anchor="end" fill="#888">0</text>'
                  f'<text x="{WIDTH - 8}" y="{HEIGHT - 8}" text-anchor="end" fill="#888">epoch {epochs[-1]}</text>'
                  f'<text x="{MARGIN}" y="{HEIGHT - 8}" fill="#888">epoch {epochs[0]}</text></svg>')
