@@ -241,10 +241,8 @@ def load(page, kind: str, file: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(bool(_missing_for_browser()), reason=_missing_for_browser())
 def test_train_and_segment_in_chromium(web_server):
-    missing = _missing_for_browser()
-    if missing:
-        pytest.skip(missing)
     from playwright.sync_api import sync_playwright
 
     url, workspace = web_server
