@@ -7,7 +7,7 @@ from html import escape
 
 from ISDNetTrainLib.logic import LOSS_TITLES, SERIES_COLORS, VAL_DICE
 
-WIDTH, HEIGHT, MARGIN = 330, 170, 28
+WIDTH, PLOT_HEIGHT, MARGIN, LINE = 330, 110, 28, 12
 
 
 def _css_color(rgb: tuple[float, float, float]) -> str:
@@ -21,19 +21,21 @@ def training_chart(history: dict[int, dict[str, float]]) -> str:
     keys = [k for k in LOSS_TITLES if any(k in history[e] for e in epochs)]
     if any(VAL_DICE in history[e] for e in epochs):
         keys.append(VAL_DICE)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" font-size="10" font-family="sans-serif" class="isdnet-chart">',
-             f'<rect x="{MARGIN}" y="8" width="{WIDTH - MARGIN - 8}" height="{HEIGHT - MARGIN - 8}" '
+    bottom = 8 + PLOT_HEIGHT  # the x axis; the epoch labels and then the legend go below it
+    height = bottom + 2 * LINE + LINE * len(keys)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+             f'viewBox="0 0 {WIDTH} {height}" font-size="10" font-family="sans-serif" class="isdnet-chart">',
+             f'<rect x="{MARGIN}" y="8" width="{WIDTH - MARGIN - 8}" height="{PLOT_HEIGHT}" '
              'fill="none" stroke="#888"/>']
     if not epochs:
-        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" fill="#888">'
+        parts.append(f'<text x="{WIDTH / 2}" y="{8 + PLOT_HEIGHT / 2}" text-anchor="middle" fill="#888">'
                      'no epoch finished yet</text></svg>')
         return "".join(parts)
     span = max(1, epochs[-1] - epochs[0])
 
     def xy(epoch: int, value: float, scale: float) -> str:
         x = MARGIN + (epoch - epochs[0]) / span * (WIDTH - MARGIN - 8)
-        y = 8 + (1 - value / scale) * (HEIGHT - MARGIN - 8)
+        y = 8 + (1 - value / scale) * PLOT_HEIGHT
         return f"{x:.1f},{y:.1f}"
 
     for index, key in enumerate(keys):
@@ -47,10 +49,13 @@ def training_chart(history: dict[int, dict[str, float]]) -> str:
         for point in points:
             x, y = point.split(",")
             parts.append(f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>')
-        title = "validation Dice" if key == VAL_DICE else f"{LOSS_TITLES[key]} (max {scale:.3g})"
-        parts.append(f'<text x="{MARGIN + 4}" y="{20 + 11 * index}" fill="{color}">{escape(title)}</text>')
+        if key == VAL_DICE:
+            title = f"validation Dice (last {finite[-1]:.3f})" if finite else "validation Dice"
+        else:
+            title = f"{LOSS_TITLES[key]} (max {scale:.3g})" if max(finite, default=0) > 0 else f"{LOSS_TITLES[key]} (0)"
+        parts.append(f'<text x="{MARGIN}" y="{bottom + LINE * (index + 2)}" fill="{color}">{escape(title)}</text>')
     parts.append(f'<text x="{MARGIN - 3}" y="14" text-anchor="end" fill="#888">max</text>'
-                 f'<text x="{MARGIN - 3}" y="{HEIGHT - MARGIN}" text-anchor="end" fill="#888">0</text>'
-                 f'<text x="{WIDTH - 8}" y="{HEIGHT - 8}" text-anchor="end" fill="#888">epoch {epochs[-1]}</text>'
-                 f'<text x="{MARGIN}" y="{HEIGHT - 8}" fill="#888">epoch {epochs[0]}</text></svg>')
+                 f'<text x="{MARGIN - 3}" y="{bottom}" text-anchor="end" fill="#888">0</text>'
+                 f'<text x="{WIDTH - 8}" y="{bottom + LINE}" text-anchor="end" fill="#888">epoch {epochs[-1]}</text>'
+                 f'<text x="{MARGIN}" y="{bottom + LINE}" fill="#888">epoch {epochs[0]}</text></svg>')
     return "".join(parts)
