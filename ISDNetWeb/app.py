@@ -112,7 +112,10 @@ class ISDNetWebApp:
         while True:
             await asyncio.sleep(POLL_S)
             with self.state:
-                self._poll()
+                try:
+                    self._poll()
+                except Exception as error:  # noqa: BLE001 - shown to the user; the page must keep updating
+                    self.say(f"Following the progress failed: {error}", error=True)
 
     # ----- state
     def _init_state(self) -> None:
@@ -122,12 +125,11 @@ class ISDNetWebApp:
         s.volumes, s.current_volume = [], None
         s.workspace_files, s.workspace_file = self.workspace.files(), None
         s.load_kind = "image"
-        s.max_upload_bytes = self.options.max_upload_bytes
         s.methods, s.method, s.epochs, s.model_name = list(METHODS), "isdnet", 10, "model"
         s.train_state, s.train_progress, s.train_text = "idle", 0, ""
         s.chart_svg = training_chart({})
         s.models, s.model = self.session.models(), None
-        s.segment_state, s.segment_progress, s.segment_text = "idle", 0, ""
+        s.segment_state, s.segment_progress = "idle", 0
         s.show_confidence, s.has_result, s.has_confidence = False, False, False
         s.seg_file_name, s.model_file_name = "segmentation.seg.nrrd", "model.safetensors"
         if s.models:
@@ -185,8 +187,10 @@ class ISDNetWebApp:
     @reports
     def set_role(self, volume_id: str, role: str) -> None:
         """A volume's role in training: labeled, unlabeled or skip."""
-        self.session.set_role(volume_id, role)
-        self._refresh_lists()
+        try:
+            self.session.set_role(volume_id, role)
+        finally:
+            self._refresh_lists()  # a refused role springs back on the page
 
     # ----- training
     @reports
