@@ -34,3 +34,7 @@ bench-accuracy: $(STAMP)
 .PHONY: web
 web: $(STAMP)
 	$(BIN)/isdnet web --workspace $(or $(WORKSPACE),isdnet-workspace) $(WEB_ARGS)
+
+.PHONY: bench-speed
+bench-speed: $(STAMP)
+	$(BIN)/isdnet bench speed --out bench-speed.json
