@@ -21,11 +21,6 @@ from .errors import PathLike
 from .modelfile import LoadedModel, load_model
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
-# At most this many pixels go through the network at once: the SU-Net's activations take about 550 bytes a pixel
-# under bf16 (measured), so a batch stays near 300 MB whatever the slice size (5 slices of 320 x 320, 2 of
-# 512 x 512). Larger batches gained little on the CPU and would break the memory budget of large volumes.
-MAX_BATCH_PIXELS = 2**19
-
 
 @dataclass
 class SegmentationResult:
@@ -42,11 +37,9 @@ def predict_slices(segmenter: nn.Module, slices: np.ndarray, *, batch_size: int,
     """Yield (first slice index, probabilities (B, C, H, W) float32, confidence (B, 1, H, W) or None) per batch.
 
     ``slices`` is (N, H, W), already normalised. Confidence is sigmoid(D(S(X))) when a confidence net is given.
-    A batch holds at most ``batch_size`` slices, fewer when the slices are large (``MAX_BATCH_PIXELS``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, slices.shape[1] * slices.shape[2])))
     was_training = segmenter.training
     segmenter.eval()
     try:
