@@ -453,7 +453,7 @@ class _TrainingRun:
         self.config, self.out, self.progress = config, out, progress
         self.values = sorted(labels)
         self.device = resolve_device(config.device)
-        self.dtype = resolve_precision(config.precision, self.device)
+        self.dtype = resolve_precision(config.precision, self.device, training=True)
         unlabeled = list(unlabeled) if config.uses_unlabeled else []
         train_cases, val_cases = split_validation(labeled, config.validation_fraction, config.seed)
         # Two passes, one volume in memory at a time: grids to plan the slice geometry, then slices to the cache.
