@@ -39,6 +39,15 @@ SPACING_TOLERANCE = 1e-3
 ORIGIN_TOLERANCE = 1e-3
 DIRECTION_TOLERANCE = 1e-3
 
+# Memory per input voxel, in bytes, that reading and preparing a volume may take at its peak: the stored
+# voxels, float32 copies for the cast, the LPS reorientation, the resampling and the normalisation, then the
+# uint8 labels and their reorientation back. segment() was measured at about 15 bytes per voxel (peak RSS,
+# 40x512x512 int16, native in-plane spacing); 28 leaves room for in-plane upsampling. A label map takes its
+# stored voxels and uint8 copies. Checked against the free memory before any voxel is read.
+IMAGE_BYTES_PER_VOXEL = 28
+LABEL_BYTES_PER_VOXEL = 10
+MEMORY_OVERRIDE_ENV = "ISDNET_AVAILABLE_MEMORY"
+
 # numpy axis of the canonical (z, y, x) array for each forced slice axis name
 _NUMPY_AXIS = {"z": 0, "y": 1, "x": 2}
 
@@ -294,12 +303,72 @@ def _short(error: Exception) -> str:
     return text[:300]
 
 
-def _read_any(path: PathLike, what: str) -> sitk.Image:
-    """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type."""
+def available_memory() -> Optional[int]:
+    """Bytes of memory free for a new allocation, or None where it cannot be told.
+
+    ``ISDNET_AVAILABLE_MEMORY`` (bytes) overrides the measurement, for tests. On Linux this is MemAvailable of
+    /proc/meminfo, capped by the cgroup (container) limit; elsewhere the free physical pages from ``os.sysconf``
+    where the platform has them (macOS has not, Windows neither: there the check is skipped).
+    """
+    forced = os.environ.get(MEMORY_OVERRIDE_ENV)
+    if forced:
+        return int(forced)
+    free: Optional[int] = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            free = min(free, max(0, int(limit) - int(used)))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_memory(path: PathLike, needed_bytes: int) -> None:
+    """Refuse up front, with InputError naming ``path``, work needing more memory than is free, rather than
+    being killed by the operating system halfway."""
+    free = available_memory()
+    if free is not None and needed_bytes > free:
+        raise InputError(path, f"needs about {needed_bytes / 1e9:.1f} GB of memory but only {free / 1e9:.1f} GB "
+                               "are free; close other programs, use a machine with more memory, or crop or "
+                               "downsample the volume")
+
+
+def _check_header(path: Path, bytes_per_voxel: int) -> None:
+    """Read only the file's header, and refuse a volume too large for the memory left (see ``check_memory``)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(path, f"cannot be read as an image: {_short(e)}") from None
+    voxels = math.prod(reader.GetSize()) * max(1, reader.GetNumberOfComponents())
+    check_memory(path, voxels * bytes_per_voxel)
+
+
+def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL) -> sitk.Image:
+    """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type.
+
+    A file's header is read first and the volume refused if ``bytes_per_voxel`` times its voxels exceeds the
+    free memory.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, f"does not exist (expected {what})")
     try:
+        if path.is_file():
+            _check_header(path, bytes_per_voxel)
         if path.is_dir():
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not series:
@@ -409,7 +478,7 @@ def read_label(path: PathLike, reference: sitk.Image, label_values: Collection[i
     if not allowed or allowed[0] < 0 or allowed[-1] > 255:
         raise ValueError(f"label values must be given and lie in 0..255, got {allowed}")
     path = Path(path)
-    label = _read_any(path, "a label file")
+    label = _read_any(path, "a label file", LABEL_BYTES_PER_VOXEL)
     if label.GetSize() != reference.GetSize():
         raise InputError(path, f"has size {label.GetSize()} but its image has size {reference.GetSize()}")
     problems = []
