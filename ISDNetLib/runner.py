@@ -1,8 +1,10 @@
 """Run the engine as a child process and read its JSON-line progress, without blocking the caller.
 
-The runner is polled (by a QTimer in the widgets, by a loop in the tests): ``poll()`` returns the stdout lines
-that arrived since the last call. Stdout and stderr are both kept in the log, and in a log file when given one.
-``stop()`` ends the whole process tree: the child starts a session (process group) of its own.
+The child writes its stdout and stderr straight into a log file, and the runner reads that file as it grows:
+``poll()`` returns the lines that arrived since the last call. Because the child holds no pipe to its parent,
+it can outlive the parent (``detach()``, when the user lets a training finish after closing Slicer), and a
+crash of the parent does not kill it halfway through a write. ``stop()`` ends the whole process tree: the
+child starts a session (process group) of its own.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ import collections
 import importlib.util
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 LOG_LINES_KEPT = 5000
 
@@ -63,76 +65,89 @@ def parse_event(line: str) -> Optional[dict[str, Any]]:
 
 
 class ProcessRunner:
-    """One child process at a time, read by two threads; safe to poll from a GUI timer."""
+    """One child process at a time, followed through its log file; safe to poll from a GUI timer."""
 
     def __init__(self) -> None:
         self._process: Optional[subprocess.Popen] = None
-        self._stdout_lines: queue.Queue[str] = queue.Queue()
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
-        self._log_lock = threading.Lock()
-        self._log_file: Optional[IO[str]] = None
-        self._threads: list[threading.Thread] = []
+        self._new_lines: list[str] = []
+        self._lock = threading.Lock()
+        self._log_path: Optional[Path] = None
+        self._offset = 0
+        self._partial = b""
 
     def start(self, args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[str] = None,
               log_path: Optional[str] = None) -> None:
-        """Start ``args``; raises RuntimeError if a process of this runner is still running."""
+        """Start ``args`` with its output appended to ``log_path`` (a temporary file when not given).
+
+        Raises RuntimeError if a process of this runner is still running.
+        """
         if self.is_running:
             raise RuntimeError("a process is already running; stop it first")
-        self._close_log_file()
-        self._stdout_lines = queue.Queue()
-        self._log.clear()
         if log_path:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the child ends
+            path = Path(log_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            handle, name = tempfile.mkstemp(prefix="isdnet-", suffix=".log")
+            os.close(handle)
+            path = Path(name)
+        with self._lock:
+            self._log.clear()
+            self._new_lines = []
+            self._log_path = path
+            self._partial = b""
+            command = "$ " + " ".join(str(a) for a in args)
+            self._log.append(command)
+            with open(path, "ab") as log:
+                log.write((command + "\n").encode("utf-8"))
+                self._offset = log.tell()
         options: dict[str, Any] = {}
         if os.name == "nt":
             options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         else:
             options["start_new_session"] = True
-        self._append_log("$ " + " ".join(str(a) for a in args))
-        self._process = subprocess.Popen(
-            [str(a) for a in args], env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", bufsize=1, **options)
-        self._threads = [
-            threading.Thread(target=self._read, args=(self._process.stdout, True), daemon=True),
-            threading.Thread(target=self._read, args=(self._process.stderr, False), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        with open(path, "ab") as log:  # the child keeps its own handle; ours closes at once
+            self._process = subprocess.Popen([str(a) for a in args], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=subprocess.STDOUT, **options)
+        self._read_new()
 
-    def _read(self, stream: IO[str], is_stdout: bool) -> None:
-        for line in stream:
-            line = line.rstrip("\r\n")
-            if is_stdout:
-                self._stdout_lines.put(line)
-            self._append_log(line)
-        stream.close()
+    def _read_new(self) -> None:
+        """Take the complete lines the log file gained since the last read (and the last partial line once the
+        process has ended)."""
+        with self._lock:
+            if self._log_path is None:
+                return
+            ended = self._process is None or self._process.poll() is not None
+            try:
+                with open(self._log_path, "rb") as log:
+                    log.seek(self._offset)
+                    data = log.read()
+            except OSError:
+                return
+            self._offset += len(data)
+            data = self._partial + data
+            lines = data.split(b"\n")
+            self._partial = lines.pop()
+            if ended and self._partial:
+                lines.append(self._partial)
+                self._partial = b""
+            for raw in lines:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r")
+                self._new_lines.append(line)
+                self._log.append(line)
 
     def _append_log(self, line: str) -> None:
-        with self._log_lock:
-            self._log.append(line)
-            if self._log_file is not None:
-                self._log_file.write(line + "\n")
-                self._log_file.flush()
-
-    def _close_log_file(self) -> None:
-        with self._log_lock:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
+        """Add a line of the runner's own to the log file (the child appends to it too)."""
+        if self._log_path is not None:
+            with open(self._log_path, "ab") as log:
+                log.write((line + "\n").encode("utf-8"))
 
     def poll(self) -> list[str]:
-        """The stdout lines that arrived since the last call (all of them once the process has ended)."""
-        if self._process is not None and self._process.poll() is not None:
-            for thread in self._threads:
-                thread.join()
-            self._close_log_file()
-        lines = []
-        while True:
-            try:
-                lines.append(self._stdout_lines.get_nowait())
-            except queue.Empty:
-                return lines
+        """The lines the process wrote since the last call (all of them once it has ended)."""
+        self._read_new()
+        with self._lock:
+            lines, self._new_lines = self._new_lines, []
+        return lines
 
     @property
     def is_running(self) -> bool:
@@ -170,7 +185,17 @@ class ProcessRunner:
                     continue
         process.wait()
 
+    def detach(self) -> Optional[int]:
+        """Let a running child go on without this runner (it keeps writing its log); returns its process id."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return None
+        self._append_log("[left running when the application closed]")
+        self._process = None
+        return process.pid
+
     def log_tail(self, lines: int = 20) -> list[str]:
-        """The last ``lines`` lines of stdout and stderr together."""
-        with self._log_lock:
+        """The last ``lines`` lines of the log: the command, then the child's stdout and stderr together."""
+        self._read_new()
+        with self._lock:
             return list(self._log)[-lines:]

@@ -7,6 +7,7 @@ polls, so Slicer never blocks.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -66,6 +67,7 @@ class ISDNetTrainParameterNode:
     sliceAxis: Annotated[str, Choice(["auto", "x", "y", "z"])] = "auto"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     outputModelPath: Path = Path(os.path.expanduser("~")) / "ISDNet" / "model.safetensors"
+    keepTrainingOnExit: bool = False
 
 
 class ISDNetTrainLogic(ScriptedLoadableModuleLogic):
@@ -112,10 +114,13 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def cleanup(self) -> None:
-        """Stop the timer and end a running training when the module is closed with Slicer."""
+        """When Slicer closes: stop the timer, and stop a running training unless the user chose to keep it."""
         self.timer.stop()
-        if self.logic is not None and self.logic.is_running:
-            self.logic.stop()
+        if self.logic is not None:
+            keep = bool(self._parameterNode and self._parameterNode.keepTrainingOnExit)
+            message = self.logic.on_application_exit(keep_running=keep)
+            if message:
+                logging.info(message)
         self.removeObservers()
 
     def enter(self) -> None:

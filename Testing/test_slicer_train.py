@@ -143,6 +143,13 @@ if mode == "ok":
         emit(event="epoch", epoch=epoch, epochs=2, losses={"dice": 0.5 / epoch, "adv": 0.7, "d": 1.3},
              val_dice=0.4 * epoch, best_val_dice=0.4 * epoch, eta_s=0.0, elapsed_s=1.0)
     emit(event="done", model="m.safetensors", best_val_dice=0.8)
+elif mode == "slow":
+    emit(event="start", epochs=1, iterations_per_epoch=1, start_epoch=1, device="cpu")
+    time.sleep(3)
+    with open(sys.argv[2], "w") as model:
+        model.write("weights")
+    print("model written after", 3, "s", flush=True)
+    emit(event="done", model=sys.argv[2], best_val_dice=0.5)
 elif mode == "fail":
     print("loading the data", file=sys.stderr, flush=True)
     print("Traceback: something deep went wrong", file=sys.stderr, flush=True)
@@ -166,7 +173,7 @@ class FakeTrainLogic(TrainLogic):
         self.script, self.mode = script, mode
 
     def command(self, dataset_folder, model_path, options, resume=False):
-        return [sys.executable, str(self.script), self.mode]
+        return [sys.executable, str(self.script), self.mode, str(model_path)]
 
 
 def run_fake(mrml, tmp_path, mode: str) -> FakeTrainLogic:
@@ -249,6 +256,55 @@ def test_stop_ends_the_whole_process_tree(mrml, tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError("the training's own child survived Stop")
+
+
+def test_closing_the_application_stops_the_training_by_default(mrml, tmp_path):
+    logic = run_fake(mrml, tmp_path, "slow")
+    poll_until(logic, lambda s: s.epochs == 1, 30)
+    message = logic.on_application_exit(keep_running=False)
+    assert "stopped as the application closed" in message
+    assert logic.status.state == "stopped" and not logic.is_running
+    time.sleep(4)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert logic.on_application_exit() is None  # nothing left to stop
+
+
+def test_closing_the_application_can_leave_the_training_to_finish(mrml, tmp_path):
+    logic = run_fake(mrml, tmp_path, "slow")
+    poll_until(logic, lambda s: s.epochs == 1, 30)
+    message = logic.on_application_exit(keep_running=True)
+    assert logic.status.state == "detached" and not logic.is_running
+    assert str(tmp_path / "m.safetensors") in message and str(tmp_path / "m.log") in message
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "m.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "m.safetensors").read_text() == "weights"
+    time.sleep(0.5)
+    assert "model written after 3 s" in (tmp_path / "m.log").read_text()
+
+
+def test_a_detached_training_outlives_its_parent_process(tmp_path):
+    """The runner's child holds no pipe to the parent: it finishes and logs after the parent has exited."""
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_TRAINING)
+    model, log = tmp_path / "model weights.safetensors", tmp_path / "train.log"
+    parent = (f"import sys; sys.path[:0] = {sys.path!r}\n"
+              "from ISDNetLib.runner import ProcessRunner\n"
+              "runner = ProcessRunner()\n"
+              f"runner.start([sys.executable, {str(script)!r}, 'slow', {str(model)!r}], log_path={str(log)!r})\n"
+              "print(runner.detach())\n")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and int(done.stdout) > 0, done.stderr
+    assert not model.exists()  # the parent is gone and the child is still working
+    deadline = time.monotonic() + 30
+    while not model.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert model.read_text() == "weights"
+    time.sleep(0.5)
+    text = log.read_text()
+    assert "[left running when the application closed]" in text and "model written after 3 s" in text
 
 
 def test_options_match_the_engine():

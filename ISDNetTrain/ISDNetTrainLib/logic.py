@@ -67,7 +67,7 @@ class TrainingOptions:
 class TrainingStatus:
     """Where the training stands, for the widget's progress bar and messages.
 
-    ``state`` is one of idle, running, done, stopped, failed.
+    ``state`` is one of idle, running, done, stopped, failed, detached (left running as the application closed).
     """
 
     state: str = "idle"
@@ -181,6 +181,21 @@ class TrainLogic:
             self._stopped = True
             self.runner.stop()
         self.poll()
+
+    def on_application_exit(self, keep_running: bool = False) -> Optional[str]:
+        """Slicer is closing: stop a running training (its checkpoint stays for Resume), or, with
+        ``keep_running``, leave it to finish on its own and write its model. Returns what happened, or None."""
+        if not self.runner.is_running:
+            return None
+        model = self._job[1] if self._job else None
+        if not keep_running:
+            self.stop()
+            return f"ISDNet training stopped as the application closed; its checkpoint is beside {model}."
+        pid = self.runner.detach()
+        self.status.state = "detached"
+        self.status.message = (f"Training goes on in process {pid} after the application closes; it writes "
+                               f"{model} when done and logs to {self.log_path(model)}.")
+        return self.status.message
 
     @property
     def is_running(self) -> bool:
