@@ -27,7 +27,11 @@ class NodeError(ValueError):
 
 
 def require_image_data(volume_node: Any) -> None:
-    """Raise NodeError unless ``volume_node`` is a scalar volume with voxels."""
+    """Raise NodeError unless ``volume_node`` is a scalar 3D volume with voxels, all of them finite.
+
+    A volume with a single slice (or a single row) is refused, like a 2D image file in the engine; so are NaN
+    or infinite voxels, which would make every loss NaN.
+    """
     if volume_node is None:
         raise NodeError(None, "no volume selected")
     image = volume_node.GetImageData()
@@ -36,6 +40,16 @@ def require_image_data(volume_node: Any) -> None:
     if image.GetNumberOfScalarComponents() != 1:
         raise NodeError(volume_node, f"the volume has {image.GetNumberOfScalarComponents()} components per "
                                      "voxel; ISDNet needs a scalar (single-component) volume")
+    dims = image.GetDimensions()
+    if min(dims) == 1:
+        raise NodeError(volume_node, f"the volume is a single slice ({dims[0]} x {dims[1]} x {dims[2]} voxels), "
+                                     "not a 3D volume; ISDNet needs a stack of slices")
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    if voxels.dtype.kind == "f":
+        bad = sum(int(plane.size - np.count_nonzero(np.isfinite(plane))) for plane in voxels)
+        if bad:
+            raise NodeError(volume_node, f"the volume has {bad} NaN or infinite voxels; replace them (for "
+                                         "example with Filtering > Threshold) before using it")
 
 
 def ijk_to_ras(volume_node: Any) -> np.ndarray:

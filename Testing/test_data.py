@@ -319,6 +319,11 @@ def test_error_2d_image(tmp_path):
     expect_input_error(path, "is a 2D image of size (8, 8), not a 3D volume", lambda: read_image(path))
 
 
+def test_error_single_slice_volume(tmp_path):
+    path = write(sitk.Image([8, 8, 1], sitk.sitkFloat32), tmp_path / "one slice.nrrd")
+    expect_input_error(path, "is a single slice (size (8, 8, 1)), not a 3D volume", lambda: read_image(path))
+
+
 def test_error_4d_image(tmp_path):
     path = write(sitk.Image([4, 4, 4, 3], sitk.sitkFloat32), tmp_path / "series.nii.gz")
     expect_input_error(path, "4D image of size (4, 4, 4, 3)", lambda: read_image(path))

@@ -219,6 +219,23 @@ def test_clear_errors(mrml, model_path, tmp_path):
         SegmentLogic(scene).start(volume, not_a_model)
 
 
+def test_single_slice_and_non_finite_volumes_are_refused_and_left_unchanged(mrml, model_path):
+    scene = mrml.scene
+    flat = fx.add_volume(scene, np.ones((1, 16, 16), np.float32), "flat")
+    with pytest.raises(NodeError, match=r"flat: the volume is a single slice \(16 x 16 x 1 voxels\)"):
+        SegmentLogic(scene).segment(flat, model_path)
+    voxels = np.ones((6, 16, 16), np.float32)
+    voxels[2, 3, 4:7] = np.nan
+    voxels[5, 0, 0] = -np.inf
+    holes = fx.add_volume(scene, voxels.copy(), "holes")
+    before = scene.GetNumberOfNodes()
+    for call in (SegmentLogic(scene).segment, SegmentLogic(scene).start):
+        with pytest.raises(NodeError, match="holes: the volume has 4 NaN or infinite voxels"):
+            call(holes, model_path)
+    assert scene.GetNumberOfNodes() == before
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(holes), voxels)
+
+
 def test_model_description(model_path):
     header = read_model_header(model_path)
     text = describe_model(header)

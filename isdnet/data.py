@@ -395,6 +395,9 @@ def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_
                                "vector or multi-layer image); a single-component 3D volume is needed")
     if 0 in size:
         raise InputError(path, f"is empty (size {tuple(size)})")
+    if 1 in image.GetSize():
+        raise InputError(path, f"is a single slice (size {image.GetSize()}), not a 3D volume: a stack of "
+                               "slices is needed")
     return image
 
 
