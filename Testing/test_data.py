@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,23 @@ def test_error_unreadable_and_truncated(tmp_path):
         truncated = tmp_path / f"truncated_{name}"
         truncated.write_bytes(whole[: len(whole) // 2])
         expect_input_error(truncated, "cannot be read as an image", lambda: read_image(truncated))  # noqa: B023
+
+
+@pytest.mark.parametrize("offset, fmt, value, problem", [
+    (40, "<8h", (3, 4, 5, -6, 1, 1, 1, 1), "its header gives the size (4, 5, -6), with a dimension below 1"),
+    (76, "<4f", (1.0, 1.0, float("nan"), 1.0), "voxel spacing (1.0, nan, 1.0); spacings must be finite"),
+    (108, "<f", (float("inf"),), "its header gives the data offset inf, not a whole number >= 352"),
+    (280, "<f", (float("nan"),), "NaN or infinite value in its orientation"),
+    (70, "<h", (99,), "unknown voxel type code 99"),
+])
+def test_error_damaged_nifti_header_is_refused_before_itk_reads_it(tmp_path, offset, fmt, value, problem):
+    for name in ("damaged.nii", "damaged.nii.gz"):
+        path = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 5, 4), np.float32)), str(tmp_path / "ok.nii"))
+        blob = bytearray((tmp_path / "ok.nii").read_bytes())
+        blob[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, *value)
+        path.write_bytes(gzip.compress(bytes(blob)) if name.endswith(".gz") else bytes(blob))
+        expect_input_error(path, problem, lambda p=path: read_image(p))
 
 
 def test_error_missing_image(tmp_path):

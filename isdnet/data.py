@@ -8,13 +8,11 @@ needed to map per-slice results back onto the input's exact grid. User-caused pr
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import math
 import os
 import random
-import struct
-import zlib
+import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, PathLike
+from .nifti import check_nifti, is_nifti
 
 NORMALISATION = {"method": "percentile-zscore", "lower_percentile": 0.5, "upper_percentile": 99.5}
 SLICE_AXES = ("auto", "x", "y", "z")
@@ -295,11 +294,18 @@ def split_labeled(cases: Sequence[Case], fraction: float, seed: int) -> tuple[li
 
 
 def _short(error: Exception) -> str:
-    """The useful line of a SimpleITK/ITK exception message (they run over many lines)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = ([line for line in lines if not line.startswith(("sitk::ERROR", "ITK ERROR"))]
-              or lines or [repr(error)])
-    text = next((line for line in useful if "rror" in line or "annot" in line or "nable" in line), useful[-1])
+    """The useful part of a SimpleITK/ITK exception message, which runs over many lines of source locations,
+    object addresses and, for NRRD, a stack of teem "trouble" lines whose last ones say what is wrong."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith("Exception thrown in SimpleITK")]
+    if not lines:
+        return repr(error)[:300]
+    teem = [re.sub(r"^\[\w+\] \w+:+ ", "", line) for line in lines if line.startswith("[")]
+    if teem:
+        return ": ".join(teem[-2:])[:300]
+    text = re.sub(r"^(sitk::ERROR|itk::ERROR|ITK ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", lines[0])
+    if text.startswith("Unable to determine ImageIO reader"):
+        return "its format is not one ITK reads (NIfTI, NRRD, MetaImage, ...) or its header is damaged"
     return text[:300]
 
 
@@ -366,6 +372,8 @@ def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_
     path = Path(path)
     if not path.exists():
         raise InputError(path, f"does not exist (expected {what})")
+    if path.is_file() and is_nifti(path):
+        check_nifti(path)  # before ITK, which hangs on some damaged headers and pads truncated data
     try:
         if path.is_file():
             _check_header(path, bytes_per_voxel)
@@ -383,8 +391,6 @@ def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_
             image = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise InputError(path, f"cannot be read as an image: {_short(e)}") from None
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
     size = list(image.GetSize())
     if image.GetDimension() == 4 and size[3] == 1:
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
@@ -399,58 +405,6 @@ def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_
         raise InputError(path, f"is a single slice (size {image.GetSize()}), not a 3D volume: a stack of "
                                "slices is needed")
     return image
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file: ITK reads one silently, filling the missing voxels with garbage.
-
-    A .nii.gz is checked by its gzip trailer (uncompressed size mod 2**32) and, if that disagrees, by
-    decompressing it to the end.
-    """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            header = f.read(540)
-        expected = _nifti_expected_bytes(header)
-        if expected is None:
-            return
-        if opener is open:
-            have = path.stat().st_size
-        else:
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                if int.from_bytes(f.read(4), "little") == expected % 2**32:
-                    return
-            have = 0
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    have += len(chunk)
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(path, f"cannot be read as an image: the file is truncated or corrupt ({e})"
-                         ) from None
-    if have < expected:
-        raise InputError(path, f"cannot be read as an image: the file is truncated (it holds {have} bytes of "
-                               f"the {expected} its header announces)")
-
-
-def _nifti_expected_bytes(header: bytes) -> Optional[int]:
-    """Bytes a single-file NIfTI-1/2 file holds up to its last voxel, from its header; None if not one."""
-    for order in ("<", ">"):
-        sizeof_hdr = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
-        if sizeof_hdr == 348 and len(header) >= 348 and header[344:347] == b"n+1":
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
-        elif sizeof_hdr == 540 and len(header) >= 540 and header[4:7] == b"n+2":
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            dims = struct.unpack(order + "8q", header[16:80])
-            offset = struct.unpack(order + "q", header[168:176])[0]
-        else:
-            continue
-        if not 1 <= dims[0] <= 7:
-            return None
-        return offset + math.prod(dims[1:dims[0] + 1]) * bitpix // 8
-    return None
 
 
 def read_image(path: PathLike) -> sitk.Image:
