@@ -188,6 +188,49 @@ def test_cli_reports_bad_input_plainly_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_cli_handles_spaces_and_non_ascii_paths_and_stops_at_a_bad_input(trained, tmp_path, capsys):
+    result, _, spec = trained
+    folder = tmp_path / "Patienten Müller – 東京"
+    folder.mkdir()
+    good = folder / "scan ü 1.nii.gz"
+    good.write_bytes(spec.cases[9].image.read_bytes())
+    bad = folder / "scan ü 2.nii.gz"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    inputs = {p: p.read_bytes() for p in (good, bad)}
+    out = tmp_path / "Ergebnisse ø"
+    assert main(["segment", "--model", str(result.model), str(good), str(bad), "--out", str(out),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "scan ü 2.nii.gz" in err and "truncated" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["scan ü 1.nii.gz", "scan ü 1.seg.nrrd"]  # no temporaries
+    written = sitk.ReadImage(str(out / "scan ü 1.nii.gz"))
+    assert written.GetSize() == sitk.ReadImage(str(good)).GetSize()
+    assert {p: p.read_bytes() for p in inputs} == inputs
+
+
+def test_failed_segmentation_write_leaves_no_partial_files(trained, tmp_path, monkeypatch):
+    from isdnet.errors import InputError
+    from isdnet.outputs import write_segmentation
+
+    result, _, spec = trained
+    segmentation = segment(spec.cases[9].image, result.model, device="cpu")
+    calls = []
+    real_write = sitk.WriteImage
+
+    def failing_second_write(image, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            real_write(image, path, *args, **kwargs)  # the .seg.nrrd is half done when the disk fills up
+            raise RuntimeError("itk::ERROR: No space left on device")
+        real_write(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", failing_second_write)
+    with pytest.raises(InputError, match="cannot write the segmentation of case: .*No space left on device"):
+        write_segmentation(segmentation, load_model(result.model).header, tmp_path, "case")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HIPPOCAMPUS.exists(), reason="../shared/data/hippocampus is not present")
 def test_cli_on_real_hippocampus_cases(tmp_path):
     names = ["hippocampus_001", "hippocampus_003", "hippocampus_004"]

@@ -43,6 +43,8 @@ DIRECTION_TOLERANCE = 1e-3
 # uint8 labels and their reorientation back. segment() was measured at about 15 bytes per voxel (peak RSS,
 # 40x512x512 int16, native in-plane spacing); 28 leaves room for in-plane upsampling. A label map takes its
 # stored voxels and uint8 copies. Checked against the free memory before any voxel is read.
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-4, 1e4  # 0.1 micrometre to 10 m: beyond this a header is wrong
+MAX_SLICE_SIDE = 8192  # model slices larger than this come from a spacing mix-up, not from real data
 IMAGE_BYTES_PER_VOXEL = 28
 LABEL_BYTES_PER_VOXEL = 10
 MEMORY_OVERRIDE_ENV = "ISDNET_AVAILABLE_MEMORY"
@@ -401,6 +403,10 @@ def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_
                                "vector or multi-layer image); a single-component 3D volume is needed")
     if 0 in size:
         raise InputError(path, f"is empty (size {tuple(size)})")
+    spacing = image.GetSpacing()
+    if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise InputError(path, f"has the voxel spacing {_tuple(spacing)} mm, outside {MIN_SPACING_MM:g} to "
+                               f"{MAX_SPACING_MM:g} mm: its header's spacing is wrong")
     if 1 in image.GetSize():
         raise InputError(path, f"is a single slice (size {image.GetSize()}), not a 3D volume: a stack of "
                                "slices is needed")
@@ -722,10 +728,13 @@ class PreparedVolume:
         return image
 
 
-def prepare_volume(image: sitk.Image, geometry: SliceGeometry,
-                   label: Optional[sitk.Image] = None) -> PreparedVolume:
+def prepare_volume(image: sitk.Image, geometry: SliceGeometry, label: Optional[sitk.Image] = None,
+                   source: Optional[PathLike] = None) -> PreparedVolume:
     """Reorient to LPS, cut along the slice axis, resample in-plane to the geometry's spacing (linear for the
-    image, nearest for the label) and normalise: the model's view of one volume, full extent (no crop/pad)."""
+    image, nearest for the label) and normalise: the model's view of one volume, full extent (no crop/pad).
+
+    ``source`` names the image's file in the InputError raised when its slices would be absurdly large.
+    """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("prepare_volume needs a 3D single-component image")
     if label is not None and label.GetSize() != image.GetSize():
@@ -740,6 +749,11 @@ def prepare_volume(image: sitk.Image, geometry: SliceGeometry,
     for k, a in enumerate((rows, cols)):
         new_spacing[2 - a] = geometry.spacing[k]
         new_size[2 - a] = _resampled_extent(old_size[2 - a], old_spacing[2 - a], geometry.spacing[k])
+        if new_size[2 - a] > MAX_SLICE_SIDE:
+            raise InputError(source or "the volume",
+                             f"{old_size[2 - a]} voxels of {old_spacing[2 - a]:g} mm would become "
+                             f"{new_size[2 - a]} pixels at the model's {geometry.spacing[k]:g} mm, more than "
+                             f"{MAX_SLICE_SIDE}; check the spacing in the file's header")
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize(new_size)
     resampler.SetOutputSpacing(new_spacing)

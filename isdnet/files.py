@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import InputError, PathLike, TrainingError
 
@@ -44,6 +44,28 @@ def write_atomically(path: PathLike, data: bytes) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def write_image_atomically(image: Any, path: PathLike) -> None:
+    """Write a SimpleITK image (compressed) to a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary keeps ``path``'s extensions so that ITK picks the same writer. A failure removes it and raises
+    RuntimeError (ITK's) or OSError; an existing ``path`` stays as it was.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    extension = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") or path.name.endswith(".seg.nrrd") \
+        else path.suffix
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{extension}", dir=path.parent)
+    os.close(descriptor)
+    try:
+        sitk.WriteImage(image, temporary, useCompression=True)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def remove_stale_temporaries(path: PathLike) -> None:

@@ -68,8 +68,9 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
     ``probabilities`` adds the class probabilities as a vector image (float32 for the whole volume: opt-in).
     ``progress(done, total)`` is called after each batch of slices.
     """
-    if not isinstance(image, sitk.Image):
-        image = read_image(image)
+    source = None if isinstance(image, sitk.Image) else image
+    if source is not None:
+        image = read_image(source)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     if confidence and loaded.confidence is None:
         raise ValueError("this model file holds no confidence network, so it cannot give a confidence map")
@@ -78,7 +79,7 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
     segmenter = loaded.segmenter.to(torch_device, memory_format=torch.channels_last)
     confidence_net = loaded.confidence.to(torch_device) if confidence else None
 
-    prepared = prepare_volume(image, SliceGeometry.from_dict(loaded.header["geometry"]))
+    prepared = prepare_volume(image, SliceGeometry.from_dict(loaded.header["geometry"]), source=source)
     values = torch.tensor([c["value"] for c in loaded.header["classes"]], dtype=torch.uint8, device=torch_device)
     n = prepared.num_slices
     labels: Optional[np.ndarray] = None

@@ -8,6 +8,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from .errors import InputError
+from .files import write_image_atomically
 from .infer import SegmentationResult
 
 CONFIDENCE_SUFFIX = "_confidence"
@@ -40,25 +41,27 @@ def seg_nrrd_metadata(labels: sitk.Image, classes: list[dict[str, Any]]) -> dict
 def write_segmentation(result: SegmentationResult, header: dict[str, Any], folder: Path, name: str) -> list[Path]:
     """Write ``<name>.nii.gz``, ``<name>.seg.nrrd`` and, when present, ``<name>_confidence.nii.gz``.
 
-    ``isdnet evaluate`` skips the confidence maps, so the folder can be evaluated as it is.
+    ``isdnet evaluate`` skips the confidence maps, so the folder can be evaluated as it is. Each file goes to a
+    temporary beside it and is renamed when complete, so a killed run leaves no half-written file, and a failed
+    write removes the case's files written before it.
     """
     folder = Path(folder)
     written = []
     try:
         label_path = folder / f"{name}.nii.gz"
-        sitk.WriteImage(result.labels, str(label_path), useCompression=True)
+        write_image_atomically(result.labels, label_path)
         written.append(label_path)
         seg = sitk.Image(result.labels)
         for key, value in seg_nrrd_metadata(seg, header["classes"]).items():
             seg.SetMetaData(key, value)
         seg_path = folder / f"{name}.seg.nrrd"
-        sitk.WriteImage(seg, str(seg_path), useCompression=True)
+        write_image_atomically(seg, seg_path)
         written.append(seg_path)
         if result.confidence is not None:
             confidence_path = folder / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
-            sitk.WriteImage(result.confidence, str(confidence_path), useCompression=True)
+            write_image_atomically(result.confidence, confidence_path)
             written.append(confidence_path)
-    except RuntimeError as error:
+    except (RuntimeError, OSError) as error:
         for path in written:
             path.unlink(missing_ok=True)
         reason = str(error).strip().splitlines()[-1]
