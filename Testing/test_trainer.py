@@ -36,6 +36,29 @@ def test_networks_handle_odd_sizes_and_class_counts(num_classes, size):
     assert ImportanceNet(64, 8)(features).shape == (2,)
 
 
+@pytest.mark.parametrize("stride", [1, 4, 8, 32])
+@pytest.mark.parametrize("size", [(35, 50), (48, 48), (9, 17)])
+def test_confidence_map_stride_keeps_layers_and_gives_a_map_of_the_input_size(stride, size):
+    d = ConfidenceNet(3, 4, output_stride=stride)
+    convs = [m for m in d.body if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(4, 4)] * 5
+    assert [c.stride[0] for c in convs] == [2 if i < stride.bit_length() - 1 else 1 for i in range(5)]
+    probs = torch.rand(2, 3, *size).softmax(1)
+    assert d(probs).shape == (2, 1, *size)
+    # the map's own resolution before upsampling: 48 pixels give 12 x 12 values at stride 4, 1 at Hung's 32
+    if size == (48, 48):
+        assert d.body(probs).shape[-1] == max(1, 48 // stride)
+    with pytest.raises(ValueError, match="power of two"):
+        ConfidenceNet(3, 4, output_stride=6)
+
+
+def test_discriminator_learning_rate_sets_d_and_d0_only():
+    trainer = make_trainer(learning_rate=1e-3, discriminator_learning_rate=1e-4)
+    rates = {name: opt.param_groups[0]["lr"] for name, opt in trainer.optimisers.items()}
+    assert rates == {"S": 1e-3, "D": 1e-4, "D0": 1e-4}
+    assert {opt.param_groups[0]["lr"] for opt in make_trainer(learning_rate=3e-4).optimisers.values()} == {3e-4}
+
+
 def test_sunet_paper_widths():
     s = SUNet(1, 3)
     widths = [block[0].out_channels for block in s.encoders]

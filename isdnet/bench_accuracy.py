@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--slice-size", type=int, nargs=2, default=[48, 48], metavar=("ROWS", "COLS"))
+    parser.add_argument("--learning-rate", type=float, default=1e-3,
+                        help="Adam's rate for S, D and D0 (the paper: 1e-4, which leaves S far from converged "
+                             "within this budget)")
+    parser.add_argument("--discriminator-channels", type=int, default=16,
+                        help="D's first width (Hung: 64; 16 keeps D from overpowering a width-16 S)")
+    parser.add_argument("--discriminator-stride", type=int, default=4,
+                        help="D's map resolution (Hung: 32, a single value on a 48-pixel slice)")
     parser.add_argument("--lambda-adv", type=float, default=TrainConfig.lambda_adv)
     parser.add_argument("--lambda-semi", type=float, default=TrainConfig.lambda_semi)
     parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
@@ -154,7 +161,9 @@ def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
     """The run's TrainConfig: the same epochs and steps per epoch for every method and fraction."""
     config = TrainConfig(
         method=run.method, epochs=args.epochs, steps_per_epoch=math.ceil(args.steps / args.epochs),
-        batch_size=args.batch_size, lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
+        batch_size=args.batch_size, learning_rate=args.learning_rate,
+        discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
+        lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
         warmup_epochs=args.warmup_epochs, base_channels=args.base_channels, slice_size=list(args.slice_size),
         validation_fraction=args.validation_fraction, seed=run.seed, device=args.device, precision=args.precision)
     return dataclasses.replace(config, **dict(run.overrides))
@@ -474,6 +483,8 @@ def run(args: argparse.Namespace) -> None:
                             f"{len(test_cases)} test cases; {args.steps} steps of S (batch {args.batch_size}) over "
                             f"{args.epochs} epochs, warm-up {args.warmup_epochs} epochs; width {args.base_channels}, "
                             f"slices {args.slice_size[0]}x{args.slice_size[1]}, {args.precision}, {args.device}; "
+                            f"Adam {args.learning_rate:g}; D width {args.discriminator_channels}, "
+                            f"map stride {args.discriminator_stride}; "
                             f"lambda_adv {args.lambda_adv}, lambda_semi {args.lambda_semi}, T_semi {args.t_semi}; "
                             f"seeds {args.seeds}"),
                   wall_time_s=time.monotonic() - started, runs_done=done, runs_reused=reused),

@@ -39,6 +39,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the labeled slices")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--discriminator-learning-rate", type=float, default=None,
+                   help="Adam's rate for D and D0 (default: --learning-rate, as in the paper)")
+    p.add_argument("--discriminator-channels", type=int, default=d.discriminator_channels,
+                   help="width of D's first layer (Hung et al.: 64)")
+    p.add_argument("--discriminator-stride", type=int, choices=(1, 2, 4, 8, 16, 32), default=d.discriminator_stride,
+                   help="downsampling of D's confidence map (Hung et al.: 32); lower it for small slices")
     p.add_argument("--lambda-adv", type=float, default=d.lambda_adv)
     p.add_argument("--lambda-semi", type=float, default=d.lambda_semi)
     p.add_argument("--t-semi", type=float, default=d.t_semi)
@@ -146,7 +152,9 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
         labels = _labels_from_files(cases, names)
     config = TrainConfig(
         method=args.method, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi,
+        learning_rate=args.learning_rate, discriminator_learning_rate=args.discriminator_learning_rate,
+        discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
+        lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi,
         t_semi=args.t_semi, warmup_epochs=args.warmup_epochs, class_weights=args.class_weights,
         dice_form=args.dice_form,
         base_channels=args.base_channels, slice_axis=args.slice_axis, slice_spacing=args.slice_spacing,

@@ -95,27 +95,40 @@ class SUNet(nn.Module):
 class ConfidenceNet(nn.Module):
     """D: Hung et al.'s fully convolutional discriminator, returning a per-pixel confidence logit map.
 
-    Four 4x4 stride-2 convolutions (widths base, 2*base, 4*base, 8*base) with leaky ReLU 0.2, a 4x4 stride-2
-    classifier to one channel, and bilinear upsampling back to the input's size. Input: C-channel class
-    probabilities (S's softmax or a one-hot ground truth). Output: logits; sigmoid gives P(ground truth).
+    Five 4x4 convolutions (widths base, 2*base, 4*base, 8*base, then 1) with leaky ReLU 0.2 between them, and
+    bilinear upsampling of the logit map back to the input's size. Input: C-channel class probabilities (S's
+    softmax or a one-hot ground truth). Output: logits; sigmoid gives P(ground truth).
+
+    ``output_stride`` is the map's downsampling: Hung's 32 (every layer strided) suits their 321-pixel crops, but
+    on a 48-pixel slice it leaves a single value, so the "map" is an image-level score. A smaller power of two
+    keeps the first log2(output_stride) layers strided and the rest at stride 1 (padded to keep the size), so the map
+    stays spatial; the layers, kernels and widths are unchanged.
     """
 
-    def __init__(self, num_classes: int = 2, base_channels: int = 64):
+    def __init__(self, num_classes: int = 2, base_channels: int = 64, output_stride: int = 32):
         super().__init__()
-        self.config = dict(num_classes=num_classes, base_channels=base_channels)
-        widths = [base_channels * 2**i for i in range(4)]
+        if output_stride not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"output_stride must be a power of two from 1 to 32, got {output_stride}")
+        self.config = dict(num_classes=num_classes, base_channels=base_channels, output_stride=output_stride)
+        strided = output_stride.bit_length() - 1
+        widths = [base_channels * 2**i for i in range(4)] + [1]
         layers: list[nn.Module] = []
         c_in = num_classes
-        for w in widths:
-            layers += [nn.Conv2d(c_in, w, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE_DISCRIMINATOR, True)]
+        for i, w in enumerate(widths):
+            if i < strided:
+                layers.append(nn.Conv2d(c_in, w, 4, stride=2, padding=1))
+            else:  # "same" padding for an even kernel: one pixel before, two after
+                layers += [nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(c_in, w, 4)]
+            if i < len(widths) - 1:
+                layers.append(nn.LeakyReLU(LEAKY_SLOPE_DISCRIMINATOR, True))
             c_in = w
-        layers.append(nn.Conv2d(c_in, 1, 4, stride=2, padding=1))
         self.body = nn.Sequential(*layers)
+        self.multiple = output_stride
 
     def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
         h, w = probabilities.shape[-2:]
-        # The five stride-2 layers need at least 32 pixels a side; smaller slices are padded.
-        pad_h, pad_w = max(0, 32 - h), max(0, 32 - w)
+        # The strided layers need at least output_stride pixels a side; smaller slices are padded.
+        pad_h, pad_w = max(0, self.multiple - h), max(0, self.multiple - w)
         x = F.pad(probabilities, (0, pad_w, 0, pad_h)) if pad_h or pad_w else probabilities
         logits = self.body(x)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

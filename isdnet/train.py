@@ -80,6 +80,7 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # default: one pass over the labeled slices
     batch_size: int = 8
     learning_rate: float = 1e-4
+    discriminator_learning_rate: Optional[float] = None  # D's and D0's; default: learning_rate, as the paper
     lambda_adv: float = 0.001
     lambda_semi: float = 1.0
     t_semi: float = 0.1
@@ -88,6 +89,7 @@ class TrainConfig:
     dice_form: str = "per-class"  # losses.DICE_FORMS: how (2) combines the classes (see losses.py)
     base_channels: int = 32
     discriminator_channels: int = 64
+    discriminator_stride: int = 32  # D's map resolution; networks.ConfidenceNet says when to lower it
     importance_channels: int = 128
     slice_axis: str = "auto"
     slice_spacing: Optional[list[float]] = None
@@ -107,6 +109,8 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
+            raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
         if self.lambda_adv < 0 or self.lambda_semi < 0:
@@ -164,13 +168,19 @@ class Trainer:
         self.discriminator: Optional[torch.nn.Module] = None
         self.importance: Optional[ImportanceNet] = None
         if config.uses_discriminator:
-            kind = ImageClassifierDiscriminator if config.method == "adv-classifier" else ConfidenceNet
-            self.discriminator = kind(num_classes, config.discriminator_channels).to(device)
+            if config.method == "adv-classifier":
+                self.discriminator = ImageClassifierDiscriminator(num_classes, config.discriminator_channels)
+            else:
+                self.discriminator = ConfidenceNet(num_classes, config.discriminator_channels,
+                                                   config.discriminator_stride)
+            self.discriminator.to(device)
         if config.uses_importance:
             self.importance = ImportanceNet(self.segmenter.feature_channels, config.importance_channels).to(device)
         for net in self.networks().values():
             self.group.broadcast_parameters(net)
-        self.optimisers = {name: torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+        critic_rate = config.discriminator_learning_rate or config.learning_rate
+        self.optimisers = {name: torch.optim.Adam(net.parameters(),
+                                                  lr=config.learning_rate if name == "S" else critic_rate)
                            for name, net in self.networks().items()}
         self.discarded: list[str] = []  # networks whose update was discarded for a non-finite loss or gradient
         self.dice = WeightedDiceLoss(weights, form=config.dice_form).to(device)
@@ -481,7 +491,7 @@ class _TrainingRun:
         for case in cases:
             image = read_image(case.image)
             label = read_label(case.label, image, self.values) if case.label is not None else None
-            volume = prepare_volume(image, self.geometry, label)
+            volume = prepare_volume(image, self.geometry, label, source=case.image)
             if volume.label is not None:
                 volume.label = _label_indices(volume.label, self.values)
             yield volume
