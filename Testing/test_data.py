@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import struct
@@ -14,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from isdnet import data
 from isdnet.data import (
     NORMALISATION,
     Case,
@@ -21,6 +23,7 @@ from isdnet.data import (
     SliceGeometry,
     augment,
     cache_volumes,
+    canonical_grid,
     case_name,
     cases_from_files,
     choose_slice_axis,
@@ -455,6 +458,42 @@ def test_slice_geometry_dict_round_trip_and_validation():
                 {**d, "size": [160]}, {"slice_axis": "z"}, [1, 2], {**d, "spacing": ["a", 1]}):
         with pytest.raises(ValueError):
             SliceGeometry.from_dict(bad)
+
+
+def test_canonical_grid_is_the_grid_dicom_orient_gives_without_copying():
+    rng = np.random.default_rng(0)
+    for permutation in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            direction = np.zeros((3, 3))
+            for column, (row, sign) in enumerate(zip(permutation, signs)):
+                direction[row, column] = sign
+            rotation, _ = np.linalg.qr(np.eye(3) + 0.2 * rng.normal(size=(3, 3)))  # oblique, < 45 degrees
+            image = sitk.Image([5, 6, 7], sitk.sitkUInt8)
+            image.SetSpacing((0.7, 1.1, 2.5))
+            image.SetOrigin(tuple(rng.normal(size=3) * 50))
+            image.SetDirection(tuple((rotation @ direction).ravel()))
+            grid = canonical_grid(image)
+            oriented = sitk.DICOMOrient(image, "LPS")
+            assert grid.size == oriented.GetSize()
+            np.testing.assert_allclose(grid.spacing, oriented.GetSpacing())
+            np.testing.assert_allclose(grid.origin, oriented.GetOrigin(), atol=1e-9)
+            np.testing.assert_allclose(grid.direction, oriented.GetDirection(), atol=1e-12)
+
+
+def test_normalise_in_place_matches_the_exact_statistics_and_samples_only_huge_volumes(monkeypatch):
+    rng = np.random.default_rng(1)
+    volume = rng.gamma(2.0, 50.0, size=(20, 30, 40)).astype(np.float32)
+    expected = np.clip(volume.astype(np.float64), *np.percentile(volume, (0.5, 99.5)))
+    expected = (expected - expected.mean()) / expected.std()
+    out = volume.copy()
+    data.normalise_in_place(out)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    monkeypatch.setattr(data, "PERCENTILE_SAMPLE", 1000)  # a strided sample of 1000 voxels of the 24000
+    monkeypatch.setattr(data, "NORMALISE_CHUNK", 777)  # chunks that do not divide the volume
+    sampled = volume.copy()
+    data.normalise_in_place(sampled)
+    difference = np.abs(sampled - expected)
+    assert 0 < np.median(difference) < 0.01 and difference.max() < 0.5  # only the clipped tails move much
 
 
 def test_choose_slice_axis():

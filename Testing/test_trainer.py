@@ -164,3 +164,18 @@ def test_config_rejects_bad_options(options):
 
 def test_all_methods_are_the_papers_rows():
     assert METHODS == ("baseline", "adv", "adv-classifier", "hung", "isdnet")
+
+
+def test_batched_d_and_d0_updates_equal_separate_passes():
+    trainer = make_trainer()
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    step = trainer.step_segmenter(x, y, xu)
+    with torch.no_grad():
+        expected_d = trainer.confidence_loss(trainer.discriminator(step.target),
+                                             trainer.discriminator(step.probabilities))
+        expected_d0 = trainer.importance_loss(trainer.importance(step.features_labeled),
+                                              trainer.importance(step.features_unlabeled))
+    assert torch.allclose(trainer.step_confidence(step.target, step.probabilities), expected_d, atol=1e-6)
+    assert torch.allclose(trainer.step_importance(step.features_labeled, step.features_unlabeled), expected_d0,
+                          atol=1e-6)

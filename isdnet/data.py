@@ -45,6 +45,9 @@ DIRECTION_TOLERANCE = 1e-3
 # stored voxels and uint8 copies. Checked against the free memory before any voxel is read.
 MIN_SPACING_MM, MAX_SPACING_MM = 1e-4, 1e4  # 0.1 micrometre to 10 m: beyond this a header is wrong
 MAX_SLICE_SIDE = 8192  # model slices larger than this come from a spacing mix-up, not from real data
+PERCENTILE_SAMPLE = 2**24  # voxels: exact percentiles up to this, an evenly strided sample beyond
+NORMALISE_CHUNK = 2**22  # voxels per float64 temporary while normalising
+RESAMPLE_SLAB_PIXELS = 2**23  # output pixels per resampled slab (32 MiB of float32)
 IMAGE_BYTES_PER_VOXEL = 28
 LABEL_BYTES_PER_VOXEL = 10
 MEMORY_OVERRIDE_ENV = "ISDNET_AVAILABLE_MEMORY"
@@ -570,15 +573,42 @@ def _in_plane_axes(axis: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _canonical_layout(image: sitk.Image) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Size and spacing (x, y, z) the image would have after ``DICOMOrient(image, "LPS")``, read off a tiny
-    probe image with the same direction so the full volume is not reoriented just to plan."""
+@dataclass(frozen=True)
+class CanonicalGrid:
+    """The grid ``DICOMOrient(image, "LPS")`` would give (x, y, z order), found without copying any voxel."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+
+def canonical_grid(image: Any) -> CanonicalGrid:
+    """The LPS-reoriented grid of ``image`` (a SimpleITK image or an ``ImageGrid``), read off a tiny probe image
+    with the same spacing and direction: DICOMOrient only permutes and flips axes, so the probe's sizes say
+    which axis went where and its direction which were flipped."""
     probe = sitk.Image([2, 3, 4], sitk.sitkUInt8)
     probe.SetSpacing(image.GetSpacing())
     probe.SetDirection(image.GetDirection())
     oriented = sitk.DICOMOrient(probe, "LPS")
     source = [(2, 3, 4).index(n) for n in oriented.GetSize()]
-    return tuple(image.GetSize()[s] for s in source), oriented.GetSpacing()
+    size = tuple(image.GetSize()[s] for s in source)
+    old = np.array(image.GetDirection()).reshape(3, 3)
+    new = np.array(oriented.GetDirection()).reshape(3, 3)
+    flipped = [float(new[:, j] @ old[:, source[j]]) < 0 for j in range(3)]
+    origin: tuple[float, ...] = ()
+    if isinstance(image, sitk.Image):
+        corner = [0, 0, 0]
+        for j in range(3):
+            corner[source[j]] = image.GetSize()[source[j]] - 1 if flipped[j] else 0
+        origin = image.TransformIndexToPhysicalPoint(corner)
+    return CanonicalGrid(size, oriented.GetSpacing(), origin, oriented.GetDirection())
+
+
+def _canonical_layout(image: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Size and spacing (x, y, z) the image would have after ``DICOMOrient(image, "LPS")``."""
+    grid = canonical_grid(image)
+    return grid.size, grid.spacing
 
 
 def _resampled_extent(size: int, old_spacing: float, new_spacing: float) -> int:
@@ -641,18 +671,40 @@ def normalise_intensities(array: np.ndarray) -> np.ndarray:
 
     Returns a new float32 array; a constant volume becomes all zeros.
     """
-    if array.size == 0:
+    out = np.array(array, dtype=np.float32, copy=True)
+    normalise_in_place(out)
+    return out
+
+
+def normalise_in_place(volume: np.ndarray) -> None:
+    """``normalise_intensities`` without a copy, for a float32 (N, ...) array, so a large volume is normalised
+    in the memory it already holds.
+
+    The percentiles are exact up to ``PERCENTILE_SAMPLE`` voxels and taken on an evenly strided sample of that
+    many beyond (as nnU-Net samples voxels for its statistics); mean and SD are accumulated in float64 over
+    chunks of slices.
+    """
+    if volume.size == 0:
         raise ValueError("cannot normalise an empty array")
-    array = np.asarray(array, dtype=np.float32)
-    lo, hi = (float(v) for v in np.percentile(array, (NORMALISATION["lower_percentile"],
+    if volume.dtype != np.float32 or not volume.flags.c_contiguous:
+        raise ValueError("normalise_in_place needs a C-contiguous float32 array")
+    flat = volume.reshape(-1)
+    sample = flat if flat.size <= PERCENTILE_SAMPLE else flat[:: -(-flat.size // PERCENTILE_SAMPLE)]
+    lo, hi = (float(v) for v in np.percentile(sample, (NORMALISATION["lower_percentile"],
                                                         NORMALISATION["upper_percentile"])))
-    out = np.clip(array, lo, hi)
-    mean, std = float(out.mean()), float(out.std())
+    chunks = [flat[i:i + NORMALISE_CHUNK] for i in range(0, flat.size, NORMALISE_CHUNK)]
+    total = 0.0
+    for chunk in chunks:
+        np.clip(chunk, lo, hi, out=chunk)
+        total += float(chunk.sum(dtype=np.float64))
+    mean = total / flat.size
+    squares = sum(float(np.square(chunk - mean, dtype=np.float64).sum()) for chunk in chunks)
+    std = math.sqrt(squares / flat.size)
     if not std > 1e-6 * max(abs(lo), abs(hi)):
         std = 1.0
-    out -= mean
-    out /= std
-    return out
+    for chunk in chunks:
+        chunk -= np.float32(mean)
+        chunk /= np.float32(std)
 
 
 @dataclass
@@ -740,11 +792,10 @@ def prepare_volume(image: sitk.Image, geometry: SliceGeometry, label: Optional[s
     if label is not None and label.GetSize() != image.GetSize():
         raise ValueError(f"label size {label.GetSize()} differs from image size {image.GetSize()}")
     orientation = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(image.GetDirection())
-    canonical = sitk.DICOMOrient(image, "LPS")
-    axis = choose_slice_axis(canonical, geometry.slice_axis)
+    canonical = canonical_grid(image)
+    axis = _axis_from_spacing(canonical.spacing, geometry.slice_axis)
     rows, cols = _in_plane_axes(axis)
-    old_spacing = canonical.GetSpacing()
-    old_size = canonical.GetSize()
+    old_spacing, old_size = canonical.spacing, canonical.size
     new_spacing, new_size = list(old_spacing), list(old_size)
     for k, a in enumerate((rows, cols)):
         new_spacing[2 - a] = geometry.spacing[k]
@@ -754,32 +805,54 @@ def prepare_volume(image: sitk.Image, geometry: SliceGeometry, label: Optional[s
                              f"{old_size[2 - a]} voxels of {old_spacing[2 - a]:g} mm would become "
                              f"{new_size[2 - a]} pixels at the model's {geometry.spacing[k]:g} mm, more than "
                              f"{MAX_SLICE_SIDE}; check the spacing in the file's header")
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetSize(new_size)
-    resampler.SetOutputSpacing(new_spacing)
-    resampler.SetOutputOrigin(canonical.GetOrigin())
-    resampler.SetOutputDirection(canonical.GetDirection())
-    resampler.SetUseNearestNeighborExtrapolator(True)
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetOutputPixelType(sitk.sitkFloat32)
-    resampled_image = resampler.Execute(canonical)  # kept alive: the array view below borrows its buffer
-    slices = normalise_intensities(np.moveaxis(sitk.GetArrayViewFromImage(resampled_image), axis, 0))
-    del resampled_image
-    label_slices = None
-    if label is not None:
-        resampler.SetInterpolator(sitk.sitkNearestNeighbor)
-        resampler.SetOutputPixelType(sitk.sitkUInt8)
-        resampled = resampler.Execute(sitk.DICOMOrient(label, "LPS"))
-        label_slices = np.ascontiguousarray(np.moveaxis(sitk.GetArrayFromImage(resampled), axis, 0))
+    output = _ResampledGrid(canonical, axis, tuple(new_size), tuple(new_spacing))
+    slices = output.resample(image, sitk.sitkLinear, np.float32)
+    normalise_in_place(slices)
+    label_slices = None if label is None else output.resample(label, sitk.sitkNearestNeighbor, np.uint8)
     return PreparedVolume(
-        image=np.ascontiguousarray(slices), label=label_slices, slice_axis=axis,
+        image=slices, label=label_slices, slice_axis=axis,
         slice_spacing=geometry.spacing,
         input_slice_spacing=(old_spacing[2 - rows], old_spacing[2 - cols]),
         input_slice_size=(old_size[2 - rows], old_size[2 - cols]),
-        canonical_spacing=old_spacing, canonical_origin=canonical.GetOrigin(),
-        canonical_direction=canonical.GetDirection(), input_orientation=orientation,
+        canonical_spacing=old_spacing, canonical_origin=canonical.origin,
+        canonical_direction=canonical.direction, input_orientation=orientation,
         input_size=image.GetSize(), input_spacing=image.GetSpacing(), input_origin=image.GetOrigin(),
         input_direction=image.GetDirection(), minimum=float(slices.min()))
+
+
+@dataclass(frozen=True)
+class _ResampledGrid:
+    """The model's slice grid of one volume: the canonical grid with the in-plane spacing and size replaced."""
+
+    canonical: CanonicalGrid
+    axis: int  # numpy axis of the canonical grid the slices are cut along
+    size: tuple[int, ...]  # x, y, z
+    spacing: tuple[float, ...]
+
+    def resample(self, image: sitk.Image, interpolator: int, dtype: type) -> np.ndarray:
+        """``image`` on this grid as (N, H, W) slices, resampled straight from the input grid (the resampler
+        works in physical space, so no reoriented copy is made) in slabs of slices written into one array."""
+        d = 2 - self.axis  # the slice axis in SimpleITK's (x, y, z) order
+        in_plane = math.prod(self.size) // self.size[d]
+        out = np.empty((self.size[d], *np.delete(self.size[::-1], self.axis)), dtype=dtype)
+        step = np.array(self.canonical.direction).reshape(3, 3)[:, d] * self.spacing[d]
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetOutputSpacing(self.spacing)
+        resampler.SetOutputDirection(self.canonical.direction)
+        resampler.SetUseNearestNeighborExtrapolator(True)
+        resampler.SetInterpolator(interpolator)
+        resampler.SetOutputPixelType(sitk.sitkFloat32 if dtype == np.float32 else sitk.sitkUInt8)
+        slab = max(1, RESAMPLE_SLAB_PIXELS // in_plane)
+        for start in range(0, self.size[d], slab):
+            stop = min(start + slab, self.size[d])
+            size = list(self.size)
+            size[d] = stop - start
+            resampler.SetSize(size)
+            resampler.SetOutputOrigin(tuple(np.array(self.canonical.origin) + start * step))
+            part = resampler.Execute(image)
+            out[start:stop] = np.moveaxis(sitk.GetArrayViewFromImage(part), self.axis, 0)
+            del part  # the view above borrowed its buffer; it is copied into ``out`` before this
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------

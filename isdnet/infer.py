@@ -7,6 +7,7 @@ once, so float32 probabilities never exist for the whole volume unless asked for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -20,6 +21,10 @@ from .data import PreparedVolume, SliceGeometry, prepare_volume, read_image
 from .errors import PathLike
 from .modelfile import LoadedModel, load_model
 from .runtime import autocast, resolve_device, resolve_precision, to_device
+
+# Pixels in one batch of slices: batch 16 up to 362 x 362 slices, fewer for larger ones, so that a batch's
+# activations stay a few hundred MiB (docs/speed.md: about 150 bytes a pixel at width 8 in bf16, 585 at width 32).
+MAX_BATCH_PIXELS = 2**21
 
 
 @dataclass
@@ -66,7 +71,7 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
 
     ``confidence`` adds the confidence map sigmoid(D(S(X))) (needs a model saved with its confidence network);
     ``probabilities`` adds the class probabilities as a vector image (float32 for the whole volume: opt-in).
-    ``progress(done, total)`` is called after each batch of slices.
+    ``progress(done, total)`` is called after each batch of slices. Batches hold at most ``MAX_BATCH_PIXELS``.
     """
     source = None if isinstance(image, sitk.Image) else image
     if source is not None:
@@ -85,6 +90,7 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
     labels: Optional[np.ndarray] = None
     confidence_slices: Optional[np.ndarray] = None
     probability_slices: Optional[np.ndarray] = None
+    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // math.prod(prepared.image.shape[1:])))
     for start, probs, conf in predict_slices(segmenter, prepared.image, batch_size=batch_size,
                                              device=torch_device, dtype=dtype, confidence_net=confidence_net):
         back = prepared.to_input_grid_slices(probs)  # stays on the device: only uint8 labels travel back

@@ -141,7 +141,7 @@ class TrainConfig:
 class SegmenterStep:
     """What S's update leaves for the D and D0 updates of the same iteration (all detached)."""
 
-    losses: dict[str, float]
+    losses: dict[str, torch.Tensor]  # detached scalars, read back once per iteration
     target: torch.Tensor  # one-hot labels of the labeled samples
     probabilities: torch.Tensor  # S's softmax on the labeled samples
     features_labeled: torch.Tensor
@@ -211,10 +211,11 @@ class Trainer:
             losses["d"] = self.step_confidence(step.target, step.probabilities)
         if self.importance is not None and step.features_unlabeled is not None:
             losses["d0"] = self.step_importance(step.features_labeled, step.features_unlabeled)
-            losses["w_mean"] = float(step.weights[len(x_labeled):].mean())
+            losses["w_mean"] = step.weights[len(x_labeled):].mean()
+        values = dict(zip(losses, torch.stack([v.float() for v in losses.values()]).tolist()))  # one sync
         if self.discarded:
-            losses["discarded"] = float(len(self.discarded))
-        return losses
+            values["discarded"] = float(len(self.discarded))
+        return values
 
     def step_segmenter(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor,
                        x_unlabeled: Optional[torch.Tensor] = None) -> SegmenterStep:
@@ -236,7 +237,7 @@ class Trainer:
         target = F.one_hot(y_labeled, self.num_classes).permute(0, 3, 1, 2).float()
         loss_dice = self.dice(probabilities[:n_labeled], target)
         total = loss_dice
-        losses = {"dice": loss_dice.item()}
+        losses = {"dice": loss_dice.detach()}
         weights = torch.ones(len(x), device=self.device)
         if self.discriminator is not None:
             with autocast(self.device, self.dtype):
@@ -246,13 +247,13 @@ class Trainer:
                     weights[n_labeled:] = importance_weights(self.importance(features[n_labeled:].detach()))
             loss_adv = self.adversarial(confidence_logits, weights)
             total = total + cfg.lambda_adv * loss_adv
-            losses["adv"] = loss_adv.item()
+            losses["adv"] = loss_adv.detach()
             if semi:
                 loss_semi = self.semi(probabilities[n_labeled:], confidence_logits[n_labeled:], weights[n_labeled:])
                 total = total + cfg.lambda_semi * loss_semi
-                losses["semi"] = loss_semi.item()
+                losses["semi"] = loss_semi.detach()
                 confident = self.semi.confident_mask(confidence_logits[n_labeled:]).mean()
-                losses["confident_fraction"] = confident.item()
+                losses["confident_fraction"] = confident.detach()
         self._update("S", total)
         for net in (self.discriminator, self.importance):
             if net is not None:
@@ -262,25 +263,28 @@ class Trainer:
             features_labeled=features[:n_labeled].detach(),
             features_unlabeled=features[n_labeled:].detach() if semi else None, weights=weights)
 
-    def step_confidence(self, target: torch.Tensor, probabilities: torch.Tensor) -> float:
-        """(3) L_D on labeled data: ground truth -> 1, S's (detached) prediction -> 0."""
+    def step_confidence(self, target: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        """(3) L_D on labeled data: ground truth -> 1, S's (detached) prediction -> 0; returns the loss.
+
+        Both go through D as one batch: D has no normalisation layer, so this equals two passes.
+        """
         assert self.discriminator is not None
         with autocast(self.device, self.dtype):
-            real = self.discriminator(target).float()
-            fake = self.discriminator(probabilities.detach()).float()
+            real, fake = self.discriminator(torch.cat([target, probabilities.detach()])).float().chunk(2)
         loss = self.confidence_loss(real, fake)
         self._update("D", loss)
-        return loss.item()
+        return loss.detach()
 
-    def step_importance(self, features_labeled: torch.Tensor, features_unlabeled: torch.Tensor) -> float:
-        """(6) D0 learns labeled (1) vs unlabeled (0) from detached features: no gradient reaches S."""
+    def step_importance(self, features_labeled: torch.Tensor, features_unlabeled: torch.Tensor) -> torch.Tensor:
+        """(6) D0 learns labeled (1) vs unlabeled (0) from detached features: no gradient reaches S. Returns the
+        loss. One batch through D0, which has no normalisation layer (so it equals two passes)."""
         assert self.importance is not None
+        n = len(features_labeled)
         with autocast(self.device, self.dtype):
-            labeled = self.importance(features_labeled.detach()).float()
-            unlabeled = self.importance(features_unlabeled.detach()).float()
-        loss = self.importance_loss(labeled, unlabeled)
+            logits = self.importance(torch.cat([features_labeled, features_unlabeled]).detach()).float()
+        loss = self.importance_loss(logits[:n], logits[n:])
         self._update("D0", loss)
-        return loss.item()
+        return loss.detach()
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
         """Back-propagate, average gradients over ranks and step; a non-finite loss or gradient on any rank
