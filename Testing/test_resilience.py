@@ -46,6 +46,28 @@ def test_checkpoint_round_trip_and_previous_kept(tmp_path):
     assert read_checkpoint(previous_path(path))[1] == {"epoch": 1}
 
 
+def test_the_newest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatch):
+    """A kill while the next checkpoint is being written must not leave only the previous one behind."""
+    path = tmp_path / "m.checkpoint.safetensors"
+    save_checkpoint(path, tensors(1.0), {"epoch": 1})
+    seen = []
+    real_replace = os.replace
+
+    def watching_replace(source, target):
+        seen.append((Path(target).name, path.is_file()))  # is the newest checkpoint there just before each rename?
+        if Path(target) == path:
+            raise KeyboardInterrupt  # killed at the last moment, with the new data fully written
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", watching_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, tensors(2.0), {"epoch": 2})
+    monkeypatch.undo()
+    assert seen and all(present for _, present in seen)
+    assert read_checkpoint(path)[1] == {"epoch": 1} and read_checkpoint(previous_path(path))[1] == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, previous_path(path).name])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     path = tmp_path / "m.checkpoint.safetensors"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -51,9 +50,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
             raise ValueError(f"refusing to checkpoint non-finite values in {name}")
     data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(meta),
                                                      CHECKSUM_KEY: tensor_checksum(tensors)})
-    if path.exists():
-        os.replace(path, previous_path(path))
-    write_atomically(path, data)
+    write_atomically(path, data, previous=previous_path(path))
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -12,11 +13,13 @@ from typing import Any, Optional
 from .errors import InputError, PathLike, TrainingError
 
 
-def write_atomically(path: PathLike, data: bytes) -> None:
+def write_atomically(path: PathLike, data: bytes, previous: Optional[PathLike] = None) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush and fsync it, then rename it over ``path``.
 
     A reader sees the old file or the new one, never a partial one, even if the process or machine dies. A
     failure (disk full, read-only folder) leaves the old file as it was and raises InputError naming ``path``.
+    With ``previous``, the old file is kept there too, linked only once the new data is on disk, so that
+    ``path`` exists at every moment (a kill mid-write never leaves only the previous file).
     """
     path = Path(path)
     try:
@@ -29,6 +32,8 @@ def write_atomically(path: PathLike, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)
+        if previous is not None and path.exists():
+            _keep_as(path, Path(previous))
         os.replace(temporary, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -44,6 +49,18 @@ def write_atomically(path: PathLike, data: bytes) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _keep_as(path: Path, previous: Path) -> None:
+    """Make ``previous`` a copy of ``path`` (a hard link where the file system has them), atomically."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=".tmp", dir=previous.parent)
+    os.close(descriptor)
+    os.unlink(temporary)
+    try:
+        os.link(path, temporary)
+    except OSError:
+        shutil.copyfile(path, temporary)
+    os.replace(temporary, previous)
 
 
 def write_image_atomically(image: Any, path: PathLike) -> None:

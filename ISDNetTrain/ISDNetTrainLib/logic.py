@@ -111,6 +111,12 @@ def checkpoint_path(model_path: Path) -> Path:
     return model_path.with_name(stem + ".checkpoint.safetensors")
 
 
+def has_checkpoint(model_path: Path) -> bool:
+    """True when the engine left a checkpoint to resume from: the newest, or the previous one it keeps."""
+    newest = checkpoint_path(model_path)
+    return newest.is_file() or newest.with_name(newest.name.replace(".safetensors", ".prev.safetensors")).is_file()
+
+
 class TrainLogic:
     """Runs one training at a time for a scene; the plot nodes it makes are reused across runs."""
 
@@ -149,7 +155,7 @@ class TrainLogic:
         options.validate()
         if not (Path(dataset_folder) / "dataset.json").is_file():
             raise ValueError(f"{dataset_folder}: no dataset.json here; export the dataset first")
-        if resume and not checkpoint_path(model_path).is_file():
+        if resume and not has_checkpoint(model_path):
             raise ValueError(f"{checkpoint_path(model_path)}: there is no checkpoint to resume from")
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -166,7 +172,7 @@ class TrainLogic:
     def can_resume(self) -> bool:
         """True when a stopped or failed training of this logic left a checkpoint to continue from."""
         return (self._job is not None and not self.runner.is_running and self.status.state != "done"
-                and checkpoint_path(self._job[1]).is_file())
+                and has_checkpoint(self._job[1]))
 
     def resume(self) -> None:
         """Continue the last training from its checkpoint, with the same data and options."""
