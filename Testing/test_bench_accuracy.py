@@ -89,3 +89,11 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
                  "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["runs_reused"] == 2
+    # --report-only reports the finished runs and trains none of the missing ones (here: adv).
+    assert main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+                 "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "adv", "isdnet",
+                 "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32",
+                 "--report-only"]) == 0
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["meta"]["runs_done"] == 0 and set(partial["summary"]) == {"1/2|baseline", "1/2|isdnet"}
+    assert not (tmp_path / "runs" / "adv_1of2_seed0.json").exists()

@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="without splits.json: the seeded share of cases held out for testing")
     parser.add_argument("--grid", action="store_true",
                         help="also run the paper's Table 2 grid for isdnet (first fraction, first seed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs already finished in --out, training nothing")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run in minutes (explicit options override it): "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
@@ -466,6 +468,8 @@ def run(args: argparse.Namespace) -> None:
                 records.append(record)
                 reused += 1
                 continue
+        if args.report_only:
+            continue
         print(f"[{index}/{len(plan)}] {planned.name} ...", file=sys.stderr, flush=True)
         record = execute(planned, config, train_cases, test_cases, spec.labels, folder)
         record["settings"] = settings
