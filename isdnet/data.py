@@ -551,20 +551,15 @@ def _size_pair(size: Any) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def _axis_from_spacing(spacing_xyz: Sequence[float], rule: str) -> int:
-    """numpy axis (0=z, 1=y, 2=x) to slice along: forced, or the largest spacing (ties go to z, then y)."""
+def choose_slice_axis(spacing_xyz: Sequence[float], rule: str) -> int:
+    """numpy axis (0=z, 1=y, 2=x) to slice a canonical (LPS) grid of this spacing along: ``rule`` "x"/"y"/"z", or
+    "auto" for the acquisition axis (the largest spacing; ties go to z, then y)."""
     if rule in _NUMPY_AXIS:
         return _NUMPY_AXIS[rule]
     if rule != "auto":
         raise ValueError(f"slice axis must be one of {SLICE_AXES}, got {rule!r}")
     largest = max(spacing_xyz)
     return next(a for a in (0, 1, 2) if spacing_xyz[2 - a] >= largest * (1 - 1e-6))
-
-
-def choose_slice_axis(image_canonical: sitk.Image, rule: str) -> int:
-    """numpy axis (0=z, 1=y, 2=x) to slice a canonical image along: ``rule`` "x"/"y"/"z", or "auto" for the
-    acquisition axis (largest spacing; ties go to z, then y)."""
-    return _axis_from_spacing(image_canonical.GetSpacing(), rule)
 
 
 def _in_plane_axes(axis: int) -> tuple[int, int]:
@@ -646,7 +641,7 @@ def plan_geometry(images: Sequence[sitk.Image], slice_axis: str = "auto", spacin
     layouts = []
     for image in images:
         sizes, spacings = _canonical_layout(image)
-        rows, cols = _in_plane_axes(_axis_from_spacing(spacings, slice_axis))
+        rows, cols = _in_plane_axes(choose_slice_axis(spacings, slice_axis))
         layouts.append(((sizes[2 - rows], sizes[2 - cols]), (spacings[2 - rows], spacings[2 - cols])))
     if spacing is None:
         if not layouts:
@@ -666,19 +661,9 @@ def plan_geometry(images: Sequence[sitk.Image], slice_axis: str = "auto", spacin
 # Prepared volumes
 
 
-def normalise_intensities(array: np.ndarray) -> np.ndarray:
-    """Per-volume normalisation (see ``NORMALISATION``): clip to the 0.5th/99.5th percentiles, then z-score.
-
-    Returns a new float32 array; a constant volume becomes all zeros.
-    """
-    out = np.array(array, dtype=np.float32, copy=True)
-    normalise_in_place(out)
-    return out
-
-
 def normalise_in_place(volume: np.ndarray) -> None:
-    """``normalise_intensities`` without a copy, for a float32 (N, ...) array, so a large volume is normalised
-    in the memory it already holds.
+    """Per-volume normalisation (see ``NORMALISATION``) of a float32 (N, ...) array in the memory it already holds:
+    clip to the 0.5th/99.5th percentiles, then z-score; a constant volume becomes all zeros.
 
     The percentiles are exact up to ``PERCENTILE_SAMPLE`` voxels and taken on an evenly strided sample of that
     many beyond (as nnU-Net samples voxels for its statistics); mean and SD are accumulated in float64 over
@@ -793,7 +778,7 @@ def prepare_volume(image: sitk.Image, geometry: SliceGeometry, label: Optional[s
         raise ValueError(f"label size {label.GetSize()} differs from image size {image.GetSize()}")
     orientation = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(image.GetDirection())
     canonical = canonical_grid(image)
-    axis = _axis_from_spacing(canonical.spacing, geometry.slice_axis)
+    axis = choose_slice_axis(canonical.spacing, geometry.slice_axis)
     rows, cols = _in_plane_axes(axis)
     old_spacing, old_size = canonical.spacing, canonical.size
     new_spacing, new_size = list(old_spacing), list(old_size)
