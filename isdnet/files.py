@@ -66,8 +66,9 @@ def _keep_as(path: Path, previous: Path) -> None:
 def write_image_atomically(image: Any, path: PathLike) -> None:
     """Write a SimpleITK image (compressed) to a temporary file beside ``path``, then rename it over ``path``.
 
-    The temporary keeps ``path``'s extensions so that ITK picks the same writer. A failure removes it and raises
-    RuntimeError (ITK's) or OSError; an existing ``path`` stays as it was.
+    The temporary keeps ``path``'s extensions so that ITK picks the same writer; it is fsynced before the rename,
+    like ``write_atomically``'s (which cannot serve here: ITK writes the file itself). A failure removes it and
+    raises RuntimeError (ITK's) or OSError; an existing ``path`` stays as it was.
     """
     import SimpleITK as sitk
 
@@ -78,6 +79,8 @@ def write_image_atomically(image: Any, path: PathLike) -> None:
     os.close(descriptor)
     try:
         sitk.WriteImage(image, temporary, useCompression=True)
+        with open(temporary, "rb") as written:  # on disk before the rename, as in write_atomically
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
