@@ -15,7 +15,7 @@ import torch
 from isdnet import runtime
 from isdnet.cli import main
 from isdnet.data import NORMALISATION, SliceGeometry, prepare_volume
-from isdnet.infer import predict_slices, segment
+from isdnet.infer import batch_size_for, class_indices, predict_slices, segment
 from isdnet.metrics import dice_per_class
 from isdnet.modelfile import LoadedModel, make_header
 from isdnet.networks import SUNet
@@ -70,6 +70,21 @@ def test_batched_prediction_equals_unbatched():
     batched, single = torch.cat(batched), torch.cat(single)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
     assert torch.equal(batched.argmax(1), single.argmax(1))
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_class_indices_equal_argmax_with_ties(classes):
+    maps = torch.from_numpy(np.random.default_rng(classes).integers(0, 3, size=(4, classes, 9, 11))).float()
+    assert (maps.amax(1, keepdim=True) == maps).sum(1).max() > 1  # ties present: the lower class must win
+    assert torch.equal(class_indices(maps), maps.argmax(1))
+    assert torch.equal(class_indices(maps.contiguous(memory_format=torch.channels_last)), maps.argmax(1))
+
+
+def test_batch_size_follows_the_device_pixel_budget():
+    cuda = torch.device("cuda")
+    assert [batch_size_for(side * side, CPU, 16) for side in (48, 128, 320, 512, 1024)] == [16, 16, 2, 1, 1]
+    assert [batch_size_for(side * side, cuda, 16) for side in (128, 320, 512)] == [16, 16, 8]
+    assert batch_size_for(320 * 320, CPU, 1) == 1
 
 
 def test_channels_last_equals_contiguous():

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         if "inference" in args.only:
             model_path = _random_model(Path(tmp) / "sunet.safetensors", sizes.width, sizes.lasc[1])
             results["inference"] = [
-                inference_row(name, shape, model_path, device, dtype, args, ref_slices, results["matmul_peak_gflops"])
+                inference_row(name, shape, model_path, device, dtype, args, ref_slices, matmul_n, repeats)
                 for name, shape, ref_slices in (("LASC", sizes.lasc, sizes.reference_slices[0]),
                                                 ("CT", sizes.ct, sizes.reference_slices[1]))]
         if "memory" in args.only:
@@ -232,7 +232,11 @@ def _reset_peak() -> bool:
 
 
 def inference_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One timed inference in this process: ``segment()`` ("fast") or the plain float32 batch-1 loop."""
+    """One timed inference in this process: ``segment()`` ("fast") or the plain float32 batch-1 loop.
+
+    The matrix-multiply peak of the path's dtype is measured here too, just before the timed run, so that the
+    fraction of peak compares two rates taken under the same load (a shared machine's speed drifts in minutes).
+    """
     torch.manual_seed(0)
     image = synthetic_volume(tuple(spec["shape"]))
     model = load_model(spec["model"])
@@ -242,6 +246,8 @@ def inference_child(spec: dict[str, Any]) -> dict[str, Any]:
     prepare_seconds = 0.0
     if spec["mode"] == "fast":
         segment(warm, model, device=spec["device"], precision=spec["precision"], **batch)
+        peak_gflops = (matmul_peak(device, resolve_precision(spec["precision"], device), spec["matmul_n"],
+                                   spec["repeats"]) if spec["matmul_n"] else None)
         start = time.perf_counter()
         prepare_volume(image, SliceGeometry.from_dict(model.header["geometry"]))
         prepare_seconds = time.perf_counter() - start
@@ -267,6 +273,7 @@ def inference_child(spec: dict[str, Any]) -> dict[str, Any]:
                     net(x).argmax(1).to(torch.uint8).cpu()
 
         loop(1)
+        peak_gflops = matmul_peak(device, torch.float32, spec["matmul_n"], spec["repeats"])
         rss_before, _ = _memory_now()
         reset = _reset_peak()
         start = time.perf_counter()
@@ -277,7 +284,7 @@ def inference_child(spec: dict[str, Any]) -> dict[str, Any]:
     _, peak = _memory_now()
     input_bytes = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
     return dict(seconds=seconds, prepare_seconds=prepare_seconds, slices=slices, rss_before=rss_before,
-                peak_rss=peak, peak_is_local=reset,
+                peak_rss=peak, peak_is_local=reset, peak_gflops=peak_gflops,
                 input_bytes=input_bytes, output_bytes=output_bytes)
 
 
@@ -290,11 +297,11 @@ def _run_child(spec: dict[str, Any], isolate: bool) -> dict[str, Any]:
 
 
 def inference_row(name: str, shape: tuple[int, int, int], model_path: Path, device: torch.device,
-                  dtype: torch.dtype, args: argparse.Namespace, reference_slices: int,
-                  peaks: dict[str, float]) -> dict[str, Any]:
+                  dtype: torch.dtype, args: argparse.Namespace, reference_slices: int, matmul_n: int,
+                  repeats: int) -> dict[str, Any]:
     """segment() against the plain float32 batch-1 loop on one volume size."""
     spec = dict(shape=list(shape), model=str(model_path), device=str(device), precision=args.precision,
-                batch_size=args.batch_size, reference_slices=reference_slices)
+                batch_size=args.batch_size, reference_slices=reference_slices, matmul_n=matmul_n, repeats=repeats)
     fast = _run_child({**spec, "mode": "fast"}, isolate=not args.quick)
     plain = _run_child({**spec, "mode": "reference"}, isolate=not args.quick)
     width = load_model(model_path).header["architecture"]["segmenter"]["base_channels"]
@@ -307,7 +314,8 @@ def inference_row(name: str, shape: tuple[int, int, int], model_path: Path, devi
         row[key] = dict(slices_timed=measured["slices"], slices_per_s=round(rate, 3),
                         prepare_s=round(measured["prepare_seconds"], 2),
                         network_slices_per_s=round(network_rate, 3), gflops=round(network_rate * flops / 1e9, 1),
-                        fraction_of_peak=round(network_rate * flops / 1e9 / peaks[peak_dtype], 3),
+                        peak_gflops=measured["peak_gflops"],
+                        fraction_of_peak=round(network_rate * flops / 1e9 / measured["peak_gflops"], 3),
                         peak_dtype=peak_dtype, peak_rss_gib=round(measured["peak_rss"] / GIB, 3),
                         extra_rss_gib=round((measured["peak_rss"] - measured["rss_before"]) / GIB, 3))
     row["speedup"] = round(row["fast"]["slices_per_s"] / row["plain_fp32"]["slices_per_s"], 2)
@@ -319,7 +327,8 @@ def memory_row(shape: tuple[int, int, int], model_path: Path, width: int, device
                args: argparse.Namespace) -> dict[str, Any]:
     """Peak memory of segment() on a large volume against the target input + output + 1 GB."""
     measured = _run_child(dict(shape=list(shape), model=str(model_path), device=str(device), mode="fast",
-                               precision=args.precision, batch_size=args.batch_size, reference_slices=0),
+                               precision=args.precision, batch_size=args.batch_size, reference_slices=0,
+                               matmul_n=0, repeats=0),
                           isolate=not args.quick)
     extra = measured["peak_rss"] - measured["rss_before"]
     return dict(shape=list(shape), width=width, seconds=round(measured["seconds"], 1),
@@ -431,7 +440,7 @@ def format_table(results: dict[str, Any]) -> str:
              f"{results['threads']} threads, fast-path dtype {results['dtype']}",
              "matmul peak GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in peaks.items()), "",
              f"{'inference':<11} {'path':<24} {'slices':>6} {'slices/s':>9} {'net only':>9} {'GFLOP/s':>8} "
-             f"{'% peak':>7} {'peak RSS GiB':>12} {'speed-up':>9}"]
+             f"{'peak':>7} {'% peak':>7} {'peak RSS GiB':>12} {'speed-up':>9}"]
     for row in results.get("inference", []):
         shape = "x".join(map(str, row["shape"]))
         for key, label in (("fast", f"segment() {row['fast']['peak_dtype']}"), ("plain_fp32", "plain fp32 batch-1")):
@@ -439,11 +448,13 @@ def format_table(results: dict[str, Any]) -> str:
             timed = f"{r['slices_timed']}" + ("" if r["slices_timed"] == row["shape"][0] else "*")
             ratio = f"{row['speedup']}/{row['speedup_network']}" if key == "fast" else ""
             lines.append(f"{shape if key == 'fast' else '':<11} {label:<24} {timed:>6} {r['slices_per_s']:>9.3f} "
-                         f"{r['network_slices_per_s']:>9.3f} {r['gflops']:>8.1f} {100 * r['fraction_of_peak']:>6.1f}% "
+                         f"{r['network_slices_per_s']:>9.3f} {r['gflops']:>8.1f} {r['peak_gflops']:>7.1f} "
+                         f"{100 * r['fraction_of_peak']:>6.1f}% "
                          f"{r['peak_rss_gib']:>12.3f} {ratio:>9}")
     lines += ["* timed on the first slices only (slices/s is per slice). slices/s: segment() end to end (reading",
               "  excluded); net only: without the volume preparation; speed-up: end to end / net only, each against",
-              "  the plain loop (which times the network alone); GFLOP/s and % peak from the net-only rate"]
+              "  the plain loop (which times the network alone); GFLOP/s and % peak from the net-only rate;",
+              "  peak: the matmul GFLOP/s of the path's dtype, measured in the same process just before it"]
     m = results.get("memory")
     if m is not None:
         lines += ["", f"memory: segment() on {'x'.join(map(str, m['shape']))} (width {m['width']}), input "
