@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda-semi", type=float, default=TrainConfig.lambda_semi)
     parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
     parser.add_argument("--validation-fraction", type=float, default=0.2)
-    parser.add_argument("--precision", default="fp32", help="fp32 is faster than bf16 for small widths on CPUs")
+    parser.add_argument("--precision", default="fp32",
+                        help="float32, as the published table; bf16 trains faster but less accurately (docs/speed.md)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", type=int, default=None, help="use only the first N training cases")
     parser.add_argument("--test-cases", type=int, default=None, help="score only the first N test cases")

@@ -43,10 +43,9 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
     """The autocast dtype for "auto": bf16 on CUDA with bf16 support; on the CPU, bf16 for inference where the CPU
     has native bf16, float32 for training.
 
-    Why training stays float32 on the CPU: oneDNN's bf16 convolution backward is no faster than float32's, and the
-    dtype casts around group norm add copies, so a bf16 training step measured 5x slower at 32 x 32 slices and
-    at best about equal at 320 x 320 (docs/speed.md); a bf16 forward alone is 2-3x faster than float32.
-    ``training=False`` (the default) gives the inference policy.
+    Why training stays float32 on the CPU: a bf16 step is 1.2-2.2x faster there, but the demo trained in bf16
+    ended 2-6 Dice points lower after the same epochs (docs/speed.md). ``training=False`` (the default) gives the
+    inference policy.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
