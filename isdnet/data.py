@@ -941,7 +941,8 @@ def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: tor
     """Random rotation, scaling and column flip (one affine per sample, applied alike to image and label:
     bilinear and nearest), then intensity gain and bias on the normalised values.
 
-    Reproducible from ``generator``; unlabeled batches pass ``labels=None``.
+    Reproducible from ``generator`` (a CPU generator: the parameters are drawn on the CPU, the warp runs on the
+    images' device, so a GPU run does not stall on host-side resampling); unlabeled batches pass ``labels=None``.
     """
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
@@ -962,7 +963,7 @@ def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: tor
     theta[:, 0, 1] = -sin * h / w
     theta[:, 1, 0] = sin * flip * w / h
     theta[:, 1, 1] = cos
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False).to(images.device, torch.float32)
+    grid = F.affine_grid(theta.to(images.device, torch.float32), [b, 1, h, w], align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = out * gain.to(out).view(b, 1, 1, 1) + bias.to(out).view(b, 1, 1, 1)
     out = out.to(images.dtype)

@@ -361,24 +361,26 @@ def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
-def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int,
-                      group: ProcessGroup) -> Iterator[tuple[torch.Tensor, ...]]:
+def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int, group: ProcessGroup,
+                      pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless shuffled batches, the shuffle fixed by ``seed`` so a resumed epoch sees the same batches.
 
-    In a distributed run each rank draws from its own shard of the slices (a DistributedSampler).
+    In a distributed run each rank draws from its own shard of the slices (a DistributedSampler). No worker
+    processes: a batch is a crop of slices already in memory (0.8 ms for 8 of 128 x 128 here), and workers would
+    take cores from the step. ``pin_memory`` (for CUDA) makes the copy to the GPU asynchronous.
     """
     if not group.active:
         generator = torch.Generator().manual_seed(seed)
         drop_last = len(dataset) >= batch_size
         while True:
             yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                                  drop_last=drop_last)
+                                  drop_last=drop_last, pin_memory=pin_memory)
     sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=True, seed=seed,
                                  drop_last=len(dataset) >= group.world_size * batch_size)
     for pass_index in itertools.count():
         sampler.set_epoch(pass_index)
         yield from DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                              drop_last=len(sampler) >= batch_size)
+                              drop_last=len(sampler) >= batch_size, pin_memory=pin_memory)
 
 
 def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume], num_classes: int,
@@ -519,8 +521,7 @@ class _TrainingRun:
                 x_l, y_l, x_u = next(batches)
                 if iteration <= state["iteration"]:
                     continue  # replayed to restore the data order of a stopped epoch; no compute
-                losses = self.trainer.train_step(to_device(x_l, self.device), y_l.to(self.device),
-                                                 None if x_u is None else to_device(x_u, self.device))
+                losses = self.trainer.train_step(x_l, y_l, x_u)
                 if "discarded" in losses:
                     self.progress.emit("nonfinite", epoch=epoch, iteration=iteration,
                                        message=f"non-finite loss or gradient at epoch {epoch}, iteration "
@@ -553,20 +554,23 @@ class _TrainingRun:
         return self._result(stopped=False)
 
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """The epoch's (labeled images, labels, unlabeled images or None), augmented; fixed by seed and epoch."""
+        """The epoch's (labeled images, labels, unlabeled images or None) on the training device, augmented there;
+        fixed by seed and epoch."""
         config = self.config
         seed = config.seed * 100_003 + epoch
         semi = self.unlabeled_set is not None and epoch > config.warmup_epochs
         self.labeled_set.reseed(seed)
-        labeled = _shuffled_batches(self.labeled_set, config.batch_size, seed, self.group)
+        pin = self.device.type == "cuda"
+        labeled = _shuffled_batches(self.labeled_set, config.batch_size, seed, self.group, pin)
         unlabeled = None
         if semi:
             self.unlabeled_set.reseed(seed + 7)
-            unlabeled = _shuffled_batches(self.unlabeled_set, config.batch_size, seed + 7, self.group)
+            unlabeled = _shuffled_batches(self.unlabeled_set, config.batch_size, seed + 7, self.group, pin)
         augmenter = torch.Generator().manual_seed(seed + 13)
         while True:
             x_l, y_l = next(labeled)
-            x_u = next(unlabeled)[0] if unlabeled is not None else None
+            x_l, y_l = to_device(x_l, self.device), y_l.to(self.device, non_blocking=True)
+            x_u = to_device(next(unlabeled)[0], self.device) if unlabeled is not None else None
             if config.augment:
                 x_l, y_l = augment(x_l, y_l, augmenter)
                 if x_u is not None:
