@@ -147,6 +147,8 @@ def test_bench_speed_quick_writes_table_and_json(tmp_path, capsys):
     for row in results["inference"]:
         assert row["fast"]["slices_per_s"] > 0 and row["plain_fp32"]["slices_per_s"] > 0 and row["speedup"] > 0
     assert {row["dtype"] for row in results["training"]} >= {"fp32"}
+    assert all(row["data_ms"] > 0 and 0 < row["data_share_of_isdnet_step"] for row in results["training"])
     assert results["agreement"][0]["data"] == "phantom"
     table = capsys.readouterr().out
     assert "segment()" in table and "plain fp32 batch-1" in table and "isdnet/baseline" in table
+    assert "batch making" in table

@@ -1,10 +1,13 @@
 """One ISDNet iteration: update order, where gradients go, importance weights, checkpoints of the state."""
 
+import numpy as np
 import pytest
 import torch
 
+from isdnet.data import CachedVolume, SliceDataset
+from isdnet.distributed import ProcessGroup
 from isdnet.networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet
-from isdnet.train import METHODS, TrainConfig, Trainer
+from isdnet.train import METHODS, TrainConfig, Trainer, epoch_batches
 
 CPU = torch.device("cpu")
 
@@ -179,3 +182,29 @@ def test_batched_d_and_d0_updates_equal_separate_passes():
     assert torch.allclose(trainer.step_confidence(step.target, step.probabilities), expected_d, atol=1e-6)
     assert torch.allclose(trainer.step_importance(step.features_labeled, step.features_unlabeled), expected_d0,
                           atol=1e-6)
+
+
+def _slice_set(labeled: bool, seed: int) -> SliceDataset:
+    images = np.random.default_rng(seed).normal(size=(2, 6, 20, 24)).astype(np.float16)
+    return SliceDataset([CachedVolume(image=im, label=(im > 0).astype(np.uint8) if labeled else None,
+                                      minimum=float(im.min())) for im in images], (16, 16), labeled, random_crop=True)
+
+
+def test_epoch_batches_warm_up_device_and_replay():
+    config = TrainConfig(method="isdnet", batch_size=4, warmup_epochs=1, seed=3)
+    cpu, group = torch.device("cpu"), ProcessGroup()
+
+    def first_batches(epoch: int, count: int) -> list:
+        batches = epoch_batches(_slice_set(True, 0), _slice_set(False, 1), config, epoch, cpu, group)
+        return [next(batches) for _ in range(count)]
+
+    warm = first_batches(1, 2)
+    assert all(x_u is None for _, _, x_u in warm)  # the warm-up epoch sees labeled slices only
+    x_l, y_l, x_u = first_batches(2, 1)[0]
+    assert x_l.shape == (4, 1, 16, 16) and y_l.shape == (4, 16, 16) and x_u.shape == (4, 1, 16, 16)
+    assert x_l.dtype == torch.float32 and y_l.dtype == torch.long and x_l.device == cpu
+    assert set(y_l.unique().tolist()) <= {0, 1}
+    again = first_batches(2, 3)  # a resumed epoch replays the same augmented batches
+    for a, b in zip(first_batches(2, 3), again):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(first_batches(3, 1)[0][0], x_l)  # another epoch, other batches

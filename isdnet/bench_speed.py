@@ -32,13 +32,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .data import NORMALISATION, SliceGeometry, load_dataset, prepare_volume, read_image
+from .data import NORMALISATION, CachedVolume, SliceDataset, SliceGeometry, load_dataset, prepare_volume, read_image
+from .distributed import ProcessGroup
 from .infer import segment
 from .metrics import dice_per_class
 from .modelfile import load_model, make_header, save_model
 from .networks import SUNet, build_network
 from .runtime import resolve_device, resolve_precision, to_device
-from .train import TrainConfig, Trainer, train
+from .train import TrainConfig, Trainer, epoch_batches, train
 
 GIB = 1024**3
 SECTIONS = ("inference", "memory", "training", "agreement")
@@ -344,7 +345,8 @@ def memory_row(shape: tuple[int, int, int], model_path: Path, width: int, device
 
 
 def training_rows(sizes: Sizes, device: torch.device, precision: str, repeats: int) -> list[dict[str, Any]]:
-    """Slices/s of a baseline and an isdnet step on the same slices, in float32 and in the resolved precision.
+    """Slices/s of a baseline and an isdnet step on the same slices, in float32 and in the resolved precision,
+    and the time the training loop spends making such a batch (loading, copy to the device, augmentation).
 
     The same B slices go through S in both: baseline treats all as labeled, isdnet half as labeled and half as
     unlabeled (so the cost of D and D0 is what the ratio shows).
@@ -361,7 +363,28 @@ def training_rows(sizes: Sizes, device: torch.device, precision: str, repeats: i
         rows.append(dict(dtype=_dtype_name(dtype), slice_size=size, batch=b,
                          baseline_slices_per_s=round(b / t_baseline, 3), isdnet_slices_per_s=round(b / t_isdnet, 3),
                          isdnet_over_baseline=round(t_isdnet / t_baseline, 2)))
+    data_seconds = _batch_time(b, size, device, repeats)
+    for row in rows:
+        row["data_ms"] = round(1000 * data_seconds, 2)
+        row["data_share_of_isdnet_step"] = round(data_seconds * row["isdnet_slices_per_s"] / b, 3)
     return rows
+
+
+def _batch_time(batch: int, size: int, device: torch.device, repeats: int) -> float:
+    """Median seconds the training loop takes to make one isdnet batch of ``batch`` slices (half labeled, half
+    unlabeled) from float16 slices in memory, as ``epoch_batches`` does: crop, copy to the device, augment."""
+    rng = np.random.default_rng(0)
+
+    def volumes(labeled: bool) -> list[CachedVolume]:
+        images = [rng.normal(size=(32, size, size)).astype(np.float16) for _ in range(4)]
+        return [CachedVolume(image=im, label=(im > 1).astype(np.uint8) if labeled else None, minimum=float(im.min()))
+                for im in images]
+
+    labeled = SliceDataset(volumes(True), size, labeled=True, random_crop=True)
+    unlabeled = SliceDataset(volumes(False), size, labeled=False, random_crop=True)
+    config = TrainConfig(method="isdnet", batch_size=max(1, batch // 2), warmup_epochs=0)
+    batches = epoch_batches(labeled, unlabeled, config, 1, device, ProcessGroup())
+    return _median_time(lambda: next(batches), max(5, repeats), device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -461,11 +484,15 @@ def format_table(results: dict[str, Any]) -> str:
                   f"{m['input_gib']} GiB, output {m['output_gib']} GiB, peak RSS {m['peak_rss_gib']} GiB, above the "
                   f"RSS before {m['extra_gib']} GiB -> within input + output + 1 GiB: {m['within_target']}"]
     lines += ["", f"{'training':<10} {'slice':>6} {'batch':>6} {'baseline slices/s':>18} {'isdnet slices/s':>16} "
-              f"{'isdnet/baseline':>16}"]
+              f"{'isdnet/baseline':>16} {'batch making':>13}"]
     for row in results.get("training", []):
         lines.append(f"{row['dtype']:<10} {row['slice_size']:>6} {row['batch']:>6} "
                      f"{row['baseline_slices_per_s']:>18.3f} {row['isdnet_slices_per_s']:>16.3f} "
-                     f"{row['isdnet_over_baseline']:>16.2f}")
+                     f"{row['isdnet_over_baseline']:>16.2f} {row['data_ms']:>7.1f} ms "
+                     f"{row['data_share_of_isdnet_step']:>4.0%}")
+    if results.get("training"):
+        lines.append("batch making: loading, copy to the device and augmentation of one isdnet batch, and its share of "
+                     "an isdnet step")
     lines += ["", f"{'agreement':<12} {'cases':>5} {'min Dice':>9} {'mean Dice':>10}  (fast path vs float32)"]
     for row in results.get("agreement", []):
         lines.append(f"{row['data']:<12} {row['cases']:>5} {row['min_dice']:>9.4f} {row['mean_dice']:>10.4f}")

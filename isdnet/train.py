@@ -383,6 +383,32 @@ def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int, group: 
                               drop_last=len(sampler) >= batch_size, pin_memory=pin_memory)
 
 
+def epoch_batches(labeled_set: SliceDataset, unlabeled_set: Optional[SliceDataset], config: TrainConfig, epoch: int,
+                  device: torch.device, group: ProcessGroup,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """Epoch ``epoch``'s endless (labeled images, labels, unlabeled images or None), moved to ``device`` and augmented
+    there; fixed by the seed and the epoch, so a resumed epoch replays the same batches. Unlabeled images come
+    after the warm-up epochs only."""
+    seed = config.seed * 100_003 + epoch
+    pin = device.type == "cuda"
+    labeled_set.reseed(seed)
+    labeled = _shuffled_batches(labeled_set, config.batch_size, seed, group, pin)
+    unlabeled = None
+    if unlabeled_set is not None and epoch > config.warmup_epochs:
+        unlabeled_set.reseed(seed + 7)
+        unlabeled = _shuffled_batches(unlabeled_set, config.batch_size, seed + 7, group, pin)
+    augmenter = torch.Generator().manual_seed(seed + 13)
+    while True:
+        x_l, y_l = next(labeled)
+        x_l, y_l = to_device(x_l, device), y_l.to(device, non_blocking=True)
+        x_u = to_device(next(unlabeled)[0], device) if unlabeled is not None else None
+        if config.augment:
+            x_l, y_l = augment(x_l, y_l, augmenter)
+            if x_u is not None:
+                x_u, _ = augment(x_u, None, augmenter)
+        yield x_l, y_l, x_u
+
+
 def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume], num_classes: int,
                     device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
     """Mean over volumes of the mean foreground Dice, on the model's slice grid."""
@@ -516,7 +542,7 @@ class _TrainingRun:
         run_started, run_steps = time.monotonic(), 0
         total_steps = (config.epochs - state["epoch"]) * self.steps - state["iteration"]
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
-            batches = self._epoch_batches(epoch)
+            batches = epoch_batches(self.labeled_set, self.unlabeled_set, config, epoch, self.device, self.group)
             for iteration in range(1, self.steps + 1):
                 x_l, y_l, x_u = next(batches)
                 if iteration <= state["iteration"]:
@@ -552,30 +578,6 @@ class _TrainingRun:
         self.progress.emit("done", model=str(self.out), best_val_dice=state["best_val_dice"],
                            best_epoch=state["best_epoch"])
         return self._result(stopped=False)
-
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """The epoch's (labeled images, labels, unlabeled images or None) on the training device, augmented there;
-        fixed by seed and epoch."""
-        config = self.config
-        seed = config.seed * 100_003 + epoch
-        semi = self.unlabeled_set is not None and epoch > config.warmup_epochs
-        self.labeled_set.reseed(seed)
-        pin = self.device.type == "cuda"
-        labeled = _shuffled_batches(self.labeled_set, config.batch_size, seed, self.group, pin)
-        unlabeled = None
-        if semi:
-            self.unlabeled_set.reseed(seed + 7)
-            unlabeled = _shuffled_batches(self.unlabeled_set, config.batch_size, seed + 7, self.group, pin)
-        augmenter = torch.Generator().manual_seed(seed + 13)
-        while True:
-            x_l, y_l = next(labeled)
-            x_l, y_l = to_device(x_l, self.device), y_l.to(self.device, non_blocking=True)
-            x_u = to_device(next(unlabeled)[0], self.device) if unlabeled is not None else None
-            if config.augment:
-                x_l, y_l = augment(x_l, y_l, augmenter)
-                if x_u is not None:
-                    x_u, _ = augment(x_u, None, augmenter)
-            yield x_l, y_l, x_u
 
     def _end_epoch(self, epoch: int, run_started: float, run_steps: int, total_steps: int) -> None:
         """Validate, keep the best model, checkpoint, report."""
