@@ -489,7 +489,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{row['dtype']:<10} {row['slice_size']:>6} {row['batch']:>6} "
                      f"{row['baseline_slices_per_s']:>18.3f} {row['isdnet_slices_per_s']:>16.3f} "
                      f"{row['isdnet_over_baseline']:>16.2f} {row['data_ms']:>7.1f} ms "
-                     f"{row['data_share_of_isdnet_step']:>4.0%}")
+                     f"{row['data_share_of_isdnet_step']:>5.1%}")
     if results.get("training"):
         lines.append("batch making: loading, copy to the device and augmentation of one isdnet batch, and its share of "
                      "an isdnet step")
