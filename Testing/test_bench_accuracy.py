@@ -36,11 +36,15 @@ def test_grid_changes_one_hyperparameter_at_a_time():
     assert all(len(r.overrides) == 1 and r.method == "isdnet" for r in grid)
 
 
-def test_every_run_gets_the_same_steps_of_s():
-    args = parse("--steps", "100", "--epochs", "8")
+def test_every_run_gets_the_same_budget_and_keeps_its_final_model():
+    args = parse("--steps", "100", "--set", "cross_entropy=0.5", "class_weights=[1,2,3]")
     configs = [bench_accuracy.train_config(args, r) for r in bench_accuracy.plan_runs(args)]
-    assert {c.epochs * c.steps_per_epoch for c in configs} == {104}
+    assert {c.total_steps for c in configs} == {100}
+    assert {c.model_selection for c in configs} == {"final"}
     assert {c.seed for c in configs} == {0, 1, 2}
+    assert {c.cross_entropy for c in configs} == {0.5} and configs[0].class_weights == [1, 2, 3]
+    with pytest.raises(ValueError, match="OPTION=VALUE"):
+        bench_accuracy.train_config(parse("--set", "no_such_option=1"), bench_accuracy.plan_runs(args)[0])
 
 
 def test_fraction_labels():
@@ -70,14 +74,17 @@ def test_targets_compare_gain_with_seed_spread():
                     "needs the Decathlon hippocampus dataset there")
 def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     code = main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
-                 "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "isdnet",
+                 "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"])
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["summary"]) == {"1/2|baseline", "1/2|isdnet"}
     runs = {r["method"]: r for r in report["runs"]}
-    assert runs["isdnet"]["labeled_cases"] == 3 and runs["isdnet"]["unlabeled_cases"] == 3
-    assert runs["baseline"]["steps"] == runs["isdnet"]["steps"] == 4
+    # 3 labeled cases: 2 to train on, 1 to validate; the budget rounds to one pass over their slices
+    assert runs["isdnet"]["labeled_cases"] == 2 and runs["isdnet"]["validation_cases"] == 1
+    assert runs["isdnet"]["unlabeled_cases"] == 3
+    assert runs["baseline"]["steps"] == runs["isdnet"]["steps"] >= 4 and runs["isdnet"]["epochs"] == 1
+    assert runs["isdnet"]["metrics_best"]["dice"] >= 0 and 0 <= runs["isdnet"]["confidence"]["auroc_wrong"] <= 1
     assert len(runs["isdnet"]["metrics"]["cases"]) == 2
     assert "unlabeled" in runs["isdnet"]["importance"]
     assert (tmp_path / "results.png").stat().st_size > 0
@@ -86,12 +93,12 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert "| isdnet |" in capsys.readouterr().out
     # A second invocation reuses the finished runs instead of training again.
     assert main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
-                 "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "isdnet",
+                 "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["runs_reused"] == 2
     # --report-only reports the finished runs and trains none of the missing ones (here: adv).
     assert main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
-                 "--test-cases", "2", "--steps", "4", "--epochs", "2", "--methods", "baseline", "adv", "isdnet",
+                 "--test-cases", "2", "--steps", "4", "--methods", "baseline", "adv", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32",
                  "--report-only"]) == 0
     partial = json.loads((tmp_path / "results.json").read_text())

@@ -89,6 +89,21 @@ def test_baseline_method_runs_and_resume_continues_from_the_checkpoint(phantoms,
     assert result.epochs_run == 3 and len(result.history) == 3
 
 
+@pytest.mark.slow
+def test_a_step_budget_sets_whole_epochs_and_the_final_model_is_kept(phantoms, tmp_path):
+    spec = load_dataset(phantoms)
+    out, best = tmp_path / "final.safetensors", tmp_path / "best.safetensors"
+    # 3 training cases of 12 slices at batch 8: 5 steps a pass; 12 steps round to 2 passes
+    config = TrainConfig(method="baseline", total_steps=12, validation_fraction=0.25, model_selection="final",
+                         lr_schedule="poly", seed=1, **SMALL)
+    result = train(spec.cases[:4], [], spec.labels, out, config, best_out=best)
+    assert (result.epochs_run, result.steps_per_epoch) == (2, 5)
+    final, kept_best = read_header(out)["provenance"], read_header(best)["provenance"]
+    assert final["validation"]["epoch"] == 2, "the final model is the last epoch's"
+    assert kept_best["validation"]["epoch"] == result.best_epoch
+    assert kept_best["validation"]["dice"] == pytest.approx(result.best_val_dice)
+
+
 def oblique_volume(seed=0):
     """A phantom resampled onto an anisotropic, shifted, obliquely rotated grid."""
     image, label = write_phantom_pair(seed)

@@ -62,6 +62,57 @@ def test_discriminator_learning_rate_sets_d_and_d0_only():
     assert {opt.param_groups[0]["lr"] for opt in make_trainer(learning_rate=3e-4).optimisers.values()} == {3e-4}
 
 
+@pytest.mark.parametrize("schedule, done, factor", [("poly", 0.0, 1.0), ("poly", 0.5, 0.5 ** 0.9),
+                                                     ("poly", 1.0, 0.0), ("constant", 0.7, 1.0)])
+def test_learning_rate_schedule_scales_every_network(schedule, done, factor):
+    trainer = make_trainer(learning_rate=1e-3, discriminator_learning_rate=1e-4, lr_schedule=schedule)
+    trainer.set_progress(done)
+    rates = {name: opt.param_groups[0]["lr"] for name, opt in trainer.optimisers.items()}
+    assert rates == pytest.approx({"S": 1e-3 * factor, "D": 1e-4 * factor, "D0": 1e-4 * factor})
+
+
+def test_discriminator_betas_apply_to_d_and_d0():
+    trainer = make_trainer(discriminator_betas=(0.9, 0.99))
+    betas = {name: opt.param_groups[0]["betas"] for name, opt in trainer.optimisers.items()}
+    assert betas == {"S": (0.9, 0.999), "D": (0.9, 0.99), "D0": (0.9, 0.99)}
+
+
+def test_cross_entropy_is_added_to_the_labeled_loss_only_when_asked():
+    x, y = batch()
+    assert "ce" not in make_trainer("baseline").train_step(x, y)
+    trainer = make_trainer("baseline", cross_entropy=0.5)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(trainer.segmenter(x), y).item()
+    assert trainer.train_step(x, y)["ce"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_adversarial_loss_sums_the_labeled_mean_and_the_weighted_unlabeled_mean():
+    trainer = make_trainer()
+    x, y = batch(n=3)
+    xu, _ = batch(n=2, seed=1)
+    with torch.no_grad():
+        logits, features = trainer.segmenter.forward_features(torch.cat([x, xu]))
+        confidence = trainer.discriminator(logits.softmax(1))
+        w = 1 - torch.sigmoid(trainer.importance(features[3:]))
+        expected = trainer.adversarial(confidence[:3]) + trainer.adversarial(confidence[3:], w)
+    assert trainer.step_segmenter(x, y, xu).losses["adv"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_confidence_on_unlabeled_makes_unlabeled_predictions_fakes_for_d():
+    trainer = make_trainer(confidence_on_unlabeled=True)
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    step = trainer.step_segmenter(x, y, xu)
+    assert step.probabilities_unlabeled is not None and len(step.probabilities_unlabeled) == 2
+    with torch.no_grad():
+        real = trainer.discriminator(step.target)
+        fake = trainer.discriminator(torch.cat([step.probabilities, step.probabilities_unlabeled]))
+        expected = trainer.confidence_loss(real, fake)
+    loss = trainer.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert make_trainer().step_segmenter(x, y, xu).probabilities_unlabeled is None
+
+
 def test_sunet_paper_widths():
     s = SUNet(1, 3)
     widths = [block[0].out_channels for block in s.encoders]
@@ -159,7 +210,9 @@ def test_state_tensors_round_trip_restores_weights_and_optimisers():
 
 
 @pytest.mark.parametrize("options", [dict(method="mean-teacher"), dict(epochs=0), dict(t_semi=2.0),
-                                     dict(lambda_adv=-1.0), dict(validation_fraction=1.0)])
+                                     dict(lambda_adv=-1.0), dict(validation_fraction=1.0), dict(total_steps=0),
+                                     dict(lr_schedule="cosine"), dict(model_selection="last"),
+                                     dict(cross_entropy=-1.0), dict(semi_rampup_epochs=-1)])
 def test_config_rejects_bad_options(options):
     with pytest.raises(ValueError):
         TrainConfig(**options).validate()

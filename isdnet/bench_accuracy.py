@@ -15,14 +15,13 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -35,17 +34,17 @@ from safetensors.torch import load_file
 from .data import Case, SliceGeometry, load_dataset, prepare_volume, read_image, split_labeled
 from .errors import InputError
 from .infer import segment
-from .metrics import evaluate_cases
-from .modelfile import load_model
+from .metrics import auroc, evaluate_cases
+from .modelfile import LoadedModel, load_model
 from .networks import ImportanceNet, SUNet
 from .progress import Progress
-from .train import METHODS, TrainConfig, checkpoint_path, train
+from .train import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path, split_validation, train
 
 DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
 FULL = "full"  # the fraction key of the full-label baseline
 # Table 2 of the paper: each hyperparameter varied alone around the defaults, for isdnet.
 GRID = {"lambda_adv": (1e-4, 1e-3, 5e-3), "lambda_semi": (0.5, 1.0, 5.0), "t_semi": (0.0, 0.1, 0.5, 1.0)}
-QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, epochs=2, warmup_epochs=1)
+QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, warmup_epochs=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,15 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labeled fractions of the training cases (default 1/2 1/8 1/16)")
     parser.add_argument("--no-full", action="store_true", help="leave out the full-label baseline")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600, help="optimisation steps of S, the same for every run")
-    parser.add_argument("--epochs", type=int, default=8, help="the steps are spread over this many epochs")
-    parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs on labeled data only")
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="optimisation steps of S, the same budget for every run (rounded to whole passes "
+                             "over the labeled slices)")
+    parser.add_argument("--warmup-epochs", type=int, default=5,
+                        help="passes over the labeled slices before the unlabeled terms start (the paper: 5)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--slice-size", type=int, nargs=2, default=[48, 48], metavar=("ROWS", "COLS"))
     parser.add_argument("--learning-rate", type=float, default=1e-3,
-                        help="Adam's rate for S, D and D0 (the paper: 1e-4, which leaves S far from converged "
-                             "within this budget)")
+                        help="Adam's rate for S (the paper: 1e-4, which leaves S far from converged within this "
+                             "budget)")
+    parser.add_argument("--discriminator-learning-rate", type=float, default=None,
+                        help="Adam's rate for D and D0 (default: --learning-rate)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="poly",
+                        help="poly decays every rate to 0 over the run (Hung et al.)")
     parser.add_argument("--discriminator-channels", type=int, default=16,
                         help="D's first width (Hung: 64; 16 keeps D from overpowering a width-16 S)")
     parser.add_argument("--discriminator-stride", type=int, default=4,
@@ -77,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda-adv", type=float, default=TrainConfig.lambda_adv)
     parser.add_argument("--lambda-semi", type=float, default=TrainConfig.lambda_semi)
     parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
+    parser.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE", dest="set_options",
+                        help="any other training option for every run, e.g. cross_entropy=1 (values in JSON)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process with cores/jobs threads "
+                             "(on a GPU: several runs share the device)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--precision", default="fp32",
                         help="float32, as the published table; bf16 trains faster but less accurately (docs/speed.md)")
@@ -160,45 +171,92 @@ def split_cases(dataset: Path, cases: Sequence[Case], test_fraction: float) -> t
 # One run
 
 
+def set_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set OPTION=VALUE`` pairs as TrainConfig fields (values parsed as JSON, else kept as strings)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {}
+    for item in args.set_options:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected OPTION=VALUE with OPTION one of {sorted(fields)}")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    return options
+
+
 def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
-    """The run's TrainConfig: the same epochs and steps per epoch for every method and fraction."""
+    """The run's TrainConfig: the same budget of S steps for every method and fraction, the final model kept."""
     config = TrainConfig(
-        method=run.method, epochs=args.epochs, steps_per_epoch=math.ceil(args.steps / args.epochs),
-        batch_size=args.batch_size, learning_rate=args.learning_rate,
+        method=run.method, total_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        discriminator_learning_rate=args.discriminator_learning_rate, lr_schedule=args.lr_schedule,
         discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
         lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
         warmup_epochs=args.warmup_epochs, base_channels=args.base_channels, slice_size=list(args.slice_size),
-        validation_fraction=args.validation_fraction, seed=run.seed, device=args.device, precision=args.precision)
-    return dataclasses.replace(config, **dict(run.overrides))
+        validation_fraction=args.validation_fraction, model_selection="final", seed=run.seed, device=args.device,
+        precision=args.precision)
+    return dataclasses.replace(config, **set_options(args), **dict(run.overrides))
 
 
 def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
             labels: dict[int, str], folder: Path) -> dict[str, Any]:
-    """Train one run, score it on the test cases and gather the diagnostics; returns the run's record."""
+    """Train one run, score its final and its best-on-validation model on the test cases and gather the
+    diagnostics; returns the run's record."""
     labeled, unlabeled = split_labeled(train_cases, run.fraction, run.seed) if run.fraction < 1 else (
         list(train_cases), [])
-    model = folder / f"{run.name}.safetensors"
+    model, best = folder / f"{run.name}.safetensors", folder / f"{run.name}.best.safetensors"
     started = time.monotonic()
     with open(folder / f"{run.name}.log.jsonl", "w") as log:
-        result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log))
+        result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log),
+                       best_out=best)
     train_time = time.monotonic() - started
     started = time.monotonic()
     loaded = load_model(model)
-    pairs = ((case.name, segment(case.image, loaded, batch_size=64, device=config.device,
-                                 precision=config.precision).labels, sitk.ReadImage(str(case.label)))
-             for case in test_cases)
-    metrics = evaluate_cases(pairs, sorted(labels))
+    metrics, confidence = score(loaded, test_cases, labels, config)
+    metrics_best = score(load_model(best), test_cases, labels, config)[0] if best.is_file() else None
+    validation = split_validation(labeled, config.validation_fraction, config.seed)[1]
     record = dict(
         name=run.name, method=run.method, fraction=run.fraction, key=run.key, seed=run.seed,
         overrides=dict(run.overrides), config=dataclasses.asdict(config),
-        labeled_cases=len(labeled), unlabeled_cases=len(unlabeled) if config.uses_unlabeled else 0,
-        steps=config.epochs * (config.steps_per_epoch or 0), best_epoch=result.best_epoch,
+        labeled_cases=len(labeled) - len(validation), validation_cases=len(validation),
+        unlabeled_cases=len(unlabeled) if config.uses_unlabeled else 0,
+        steps=result.epochs_run * result.steps_per_epoch, epochs=result.epochs_run, best_epoch=result.best_epoch,
         best_val_dice=result.best_val_dice, train_time_s=round(train_time, 1),
-        eval_time_s=round(time.monotonic() - started, 1), metrics=metrics, history=result.history)
+        eval_time_s=round(time.monotonic() - started, 1), metrics=metrics, metrics_best=metrics_best,
+        confidence=confidence, history=result.history)
     if config.uses_importance:
         record["importance"] = importance_diagnostics(checkpoint_path(model), config, loaded.header,
                                                       len(labels), labeled, unlabeled)
     return record
+
+
+def score(loaded: LoadedModel, cases: Sequence[Case], labels: dict[int, str], config: TrainConfig
+          ) -> tuple[dict[str, Any], Optional[dict[str, float]]]:
+    """Test metrics of a model, and when it has a confidence map, how well 1 - confidence finds S's errors:
+    the AUROC for "this voxel is wrong" over every test voxel, and the mean confidence on right and wrong ones."""
+    with_confidence = loaded.confidence is not None
+    wrong_scores: list[np.ndarray] = []
+    wrong_flags: list[np.ndarray] = []
+
+    def pairs() -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
+        for case in cases:
+            result = segment(case.image, loaded, batch_size=64, device=config.device, precision=config.precision,
+                             confidence=with_confidence)
+            truth = sitk.ReadImage(str(case.label))
+            if result.confidence is not None:
+                wrong = sitk.GetArrayViewFromImage(result.labels) != sitk.GetArrayViewFromImage(truth)
+                wrong_flags.append(wrong.ravel())
+                wrong_scores.append(1.0 - sitk.GetArrayFromImage(result.confidence).ravel())
+            yield case.name, result.labels, truth
+
+    metrics = evaluate_cases(pairs(), sorted(labels))
+    if not wrong_flags:
+        return metrics, None
+    flags, scores = np.concatenate(wrong_flags), np.concatenate(wrong_scores)
+    return metrics, dict(auroc_wrong=auroc(scores, flags), wrong_share=float(flags.mean()),
+                         confidence_right=float(1 - scores[~flags].mean()),
+                         confidence_wrong=float(1 - scores[flags].mean()) if flags.any() else None)
 
 
 def importance_diagnostics(checkpoint: Path, config: TrainConfig, header: dict[str, Any], num_classes: int,
@@ -252,6 +310,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         summary[cell] = dict(
             seeds=[r["seed"] for r in runs],
             dice=mean_sd([r["metrics"]["dice"] for r in runs]),
+            dice_best=mean_sd([r["metrics_best"]["dice"] for r in runs if r.get("metrics_best")] or [float("nan")]),
             dice_per_class={c: mean_sd([r["metrics"]["dice_per_class"][c] for r in runs]) for c in classes if c != "0"},
             global_dice=mean_sd([r["metrics"]["global_dice_mean"] for r in runs]),
             hd95=mean_sd(hd95),
@@ -410,6 +469,19 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:
+    """The benchmark's settings in one sentence, for the report's header."""
+    critic_rate = args.discriminator_learning_rate or args.learning_rate
+    return (f"{n_train} training cases (labeled/unlabeled drawn from them), {n_test} test cases; about {args.steps} "
+            f"steps of S (batch {args.batch_size}, whole passes over the labeled slices), warm-up "
+            f"{args.warmup_epochs} passes, {args.lr_schedule} learning rate, final model scored; width "
+            f"{args.base_channels}, slices {args.slice_size[0]}x{args.slice_size[1]}, {args.precision}, "
+            f"{args.device}; Adam {args.learning_rate:g} (D and D0: {critic_rate:g}); D width "
+            f"{args.discriminator_channels}, map stride {args.discriminator_stride}; lambda_adv {args.lambda_adv}, "
+            f"lambda_semi {args.lambda_semi}, T_semi {args.t_semi}; "
+            f"{' '.join(args.set_options) or 'no other option set'}; seeds {args.seeds}")
+
+
 def machine() -> str:
     """CPU model, core count and torch version: what the timings depend on."""
     cpu = platform.processor() or platform.machine()
@@ -438,6 +510,23 @@ def commit() -> str:
 # Command
 
 
+def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
+                      labels: dict[int, str], folder: Path, settings: dict[str, Any], record_path: Path,
+                      threads: int) -> dict[str, Any]:
+    """One run in this process with ``threads`` torch threads; its record is written to ``record_path`` (a
+    temporary renamed into place, so a killed run leaves no half record) and returned."""
+    torch.set_num_threads(threads)
+    print(f"{planned.name} ...", file=sys.stderr, flush=True)
+    record = execute(planned, config, train_cases, test_cases, labels, folder)
+    record["settings"] = settings
+    temporary = record_path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    os.replace(temporary, record_path)
+    print(f"{planned.name}: test Dice {record['metrics']['dice']:.4f}, train {record['train_time_s']:.0f} s, "
+          f"eval {record['eval_time_s']:.0f} s", file=sys.stderr, flush=True)
+    return record
+
+
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) every planned run, then write the report and print the Markdown table."""
     if args.quick:
@@ -446,8 +535,8 @@ def run(args: argparse.Namespace) -> None:
         for name, value in QUICK.items():
             if getattr(args, name) == defaults.get_default(name):  # options given explicitly win over --quick
                 setattr(args, name, value)
-    if args.steps < args.epochs:
-        raise ValueError(f"--steps ({args.steps}) must be at least --epochs ({args.epochs})")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
     started = time.monotonic()
     spec = load_dataset(args.dataset)
     train_cases, test_cases = split_cases(args.dataset, spec.cases, args.test_fraction)
@@ -456,42 +545,46 @@ def run(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     report_path = args.report or args.out / "results"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    records, done, reused = [], 0, 0
+    records, pending, reused = [], [], 0
     plan = plan_runs(args)
-    for index, planned in enumerate(plan, 1):
+    for planned in plan:
         config = train_config(args, planned)
         record_path = folder / f"{planned.name}.json"
-        settings = dict(config=dataclasses.asdict(config), train=[c.name for c in train_cases],
-                        test=[c.name for c in test_cases])
+        settings = json.loads(json.dumps(dict(config=dataclasses.asdict(config), train=[c.name for c in train_cases],
+                                              test=[c.name for c in test_cases])))  # as a record file holds it
         if record_path.is_file():
             record = json.loads(record_path.read_text())
             if record.get("settings") == settings:
                 records.append(record)
                 reused += 1
                 continue
-        if args.report_only:
-            continue
-        print(f"[{index}/{len(plan)}] {planned.name} ...", file=sys.stderr, flush=True)
-        record = execute(planned, config, train_cases, test_cases, spec.labels, folder)
-        record["settings"] = settings
-        record_path.write_text(json.dumps(record, indent=1))
-        records.append(record)
-        done += 1
-        print(f"[{index}/{len(plan)}] {planned.name}: test Dice {record['metrics']['dice']:.4f}, "
-              f"train {record['train_time_s']:.0f} s, eval {record['eval_time_s']:.0f} s", file=sys.stderr, flush=True)
+        pending.append((planned, config, settings, record_path))
+    done = 0
+    if not args.report_only and pending:
+        jobs = max(1, min(args.jobs, len(pending)))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+        work = [(p, c, train_cases, test_cases, spec.labels, folder, s, r, threads) for p, c, s, r in pending]
+        print(f"{len(pending)} runs to train ({reused} reused), {jobs} at a time", file=sys.stderr, flush=True)
+        if jobs == 1:
+            finished: Iterator[dict[str, Any]] = (_execute_and_save(*w) for w in work)
+            for record in finished:
+                records.append(record)
+                done += 1
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                for future in concurrent.futures.as_completed([pool.submit(_execute_and_save, *w) for w in work]):
+                    records.append(future.result())
+                    done += 1
     report = dict(
         meta=dict(dataset=args.dataset.name, commit=commit(), machine=machine(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   command="isdnet bench accuracy " + " ".join(sys.argv[sys.argv.index("accuracy") + 1:])
                   if "accuracy" in sys.argv else " ".join(sys.argv),
-                  settings=(f"{len(train_cases)} training cases (labeled/unlabeled drawn from them), "
-                            f"{len(test_cases)} test cases; {args.steps} steps of S (batch {args.batch_size}) over "
-                            f"{args.epochs} epochs, warm-up {args.warmup_epochs} epochs; width {args.base_channels}, "
-                            f"slices {args.slice_size[0]}x{args.slice_size[1]}, {args.precision}, {args.device}; "
-                            f"Adam {args.learning_rate:g}; D width {args.discriminator_channels}, "
-                            f"map stride {args.discriminator_stride}; "
-                            f"lambda_adv {args.lambda_adv}, lambda_semi {args.lambda_semi}, T_semi {args.t_semi}; "
-                            f"seeds {args.seeds}"),
+                  settings=settings_line(args, len(train_cases), len(test_cases)),
                   wall_time_s=time.monotonic() - started, runs_done=done, runs_reused=reused),
         summary=summarise(records),
         grid=[dict(overrides=r["overrides"], key=r["key"], seed=r["seed"], dice=r["metrics"]["dice"])

@@ -12,9 +12,12 @@ Where the paper is ambiguous the choice is stated here and pinned by a test:
   vanishes once it is predicted nowhere; "per-class" learned the lesions within 3 epochs. The per-class
   reading is also the one in which the paper's weights can matter: a weight of 2.2 cannot offset a 40-fold
   volume ratio inside one pooled ratio. ``--dice-form pooled`` gives the other reading.
-- Losses on unlabeled samples carry a per-sample importance weight w, so (5) and (4) are computed per sample
-  (Dice over that sample's pixels, BCE averaged over its pixels), multiplied by w and averaged over the batch.
-  The labeled Dice (2) pools the whole batch, as usual for slice training.
+- Losses on unlabeled samples carry a per-sample importance weight w. (8) pools the unlabeled batch into one
+  Dice, as (2) pools the labeled batch, and w scales each sample's pixels in its sums; a per-sample Dice would
+  give a slice's pixels a gradient scaled by 1 / (its class sizes), so small spurious blobs on edge slices would
+  count most. (9) averages w times each sample's mean BCE. L_wadv sums the mean over the labeled samples (w = 1)
+  and the weighted mean over the unlabeled ones, so adding unlabeled slices to a batch leaves the labeled term's
+  weight unchanged.
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ class WeightedDiceLoss(nn.Module):
     ``form="pooled"`` is the usual weighted form 1 - 2 sum_c w_c I_c / sum_c w_c U_c (one shared ratio);
     ``form="per-class"`` is 1 - sum_c w_c Dice_c / sum_c w_c, each class with its own ratio.
 
-    ``reduction="batch"`` pools all samples into one Dice (the labeled loss); ``"none"`` returns one Dice loss
-    per sample (used by (5), whose samples carry importance weights). An optional ``mask`` (N, 1, H, W) of 0/1
-    restricts the sums to the selected pixels; a sample with no selected pixel has loss 0.
+    ``reduction="batch"`` pools all samples into one Dice; ``"none"`` returns one Dice loss per sample. Optional
+    ``pixel_weights`` (N, 1, H, W) scale each pixel's share of the intersection and union sums: a 0/1 mask
+    restricts the sums to the selected pixels (with none selected the loss is 0), and (8) puts each unlabeled
+    sample's importance weight there.
     """
 
     def __init__(self, class_weights: Sequence[float], smooth: float = 1e-5, reduction: str = "batch",
-                 form: str = "pooled"):
+                 form: str = "per-class"):
         super().__init__()
         weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
         if weights.ndim != 1 or len(weights) < 2:
@@ -70,19 +74,18 @@ class WeightedDiceLoss(nn.Module):
         self.form = form
 
     def forward(self, probabilities: torch.Tensor, target: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pixel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if probabilities.shape != target.shape:
             raise ValueError(f"probabilities {tuple(probabilities.shape)} and target {tuple(target.shape)} differ")
         if probabilities.shape[1] != len(self.class_weights):
             raise ValueError(f"{probabilities.shape[1]} channels but {len(self.class_weights)} class weights")
         probabilities = probabilities.float()
         target = target.float()
-        if mask is not None:
-            probabilities = probabilities * mask
-            target = target * mask
         dims = (2, 3) if self.reduction == "none" else (0, 2, 3)
-        intersection = (probabilities * target).sum(dims)
-        union = probabilities.sum(dims) + target.sum(dims)
+        products, sums = probabilities * target, probabilities + target
+        if pixel_weights is not None:
+            products, sums = products * pixel_weights, sums * pixel_weights
+        intersection, union = products.sum(dims), sums.sum(dims)
         w = self.class_weights
         if self.form == "per-class":
             dice = (2 * intersection + self.smooth) / (union + self.smooth)
@@ -123,16 +126,17 @@ class SemiSupervisedLoss(nn.Module):
     """(5) and (8): L_semi, the Dice of (2) between Yhat and its own argmax, at pixels whose confidence passes T_semi.
 
     The confidence is sigmoid(D(S(X))); only pixels with confidence strictly above ``threshold`` count. The
-    pseudo-label and the mask carry no gradient. With ``weights`` (N,), each sample's loss is scaled (L_wsemi).
+    pseudo-label and the mask carry no gradient. The Dice pools the unlabeled batch, as the labeled Dice does;
+    with ``weights`` (N,), each sample's pixels count w times in the sums (L_wsemi).
     """
 
     def __init__(self, class_weights: Sequence[float], threshold: float = 0.1, smooth: float = 1e-5,
-                 form: str = "pooled"):
+                 form: str = "per-class"):
         super().__init__()
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold (T_semi) must lie in [0, 1], got {threshold}")
         self.threshold = threshold
-        self.dice = WeightedDiceLoss(class_weights, smooth=smooth, reduction="none", form=form)
+        self.dice = WeightedDiceLoss(class_weights, smooth=smooth, form=form)
 
     def confident_mask(self, confidence_logits: torch.Tensor) -> torch.Tensor:
         """1 where sigmoid(D(S(X))) > T_semi, else 0; (N, 1, H, W), no gradient."""
@@ -141,10 +145,10 @@ class SemiSupervisedLoss(nn.Module):
     def forward(self, probabilities: torch.Tensor, confidence_logits: torch.Tensor,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         pseudo = F.one_hot(probabilities.detach().argmax(1), probabilities.shape[1]).permute(0, 3, 1, 2)
-        per_sample = self.dice(probabilities, pseudo, self.confident_mask(confidence_logits))
+        pixel_weights = self.confident_mask(confidence_logits)
         if weights is not None:
-            per_sample = per_sample * weights.detach().to(per_sample.dtype)
-        return per_sample.mean()
+            pixel_weights = pixel_weights * weights.detach().float().view(-1, 1, 1, 1)
+        return self.dice(probabilities, pseudo, pixel_weights)
 
 
 class ImportanceNetLoss(nn.Module):

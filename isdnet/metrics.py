@@ -57,6 +57,21 @@ def dice_per_class(prediction: np.ndarray, truth: np.ndarray, labels: Sequence[i
     return {label: _dice_from_counts(*c) for label, c in _dice_counts(prediction, truth, labels).items()}
 
 
+def auroc(scores: np.ndarray, positives: np.ndarray) -> Optional[float]:
+    """Area under the ROC curve of ``scores`` for telling ``positives`` (bool) from the rest: the Mann-Whitney
+    probability that a random positive scores above a random negative, ties counting half. None if either
+    group is empty."""
+    scores, positives = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(positives, dtype=bool).ravel()
+    n_pos = int(positives.sum())
+    n_neg = positives.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each distinct score
+    rank_sum = float(average_rank[inverse][positives].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with at least one face neighbour outside it; outside the array counts as outside."""
     padded = np.pad(mask, 1)

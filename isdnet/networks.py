@@ -131,7 +131,7 @@ class ConfidenceNet(nn.Module):
         pad_h, pad_w = max(0, self.multiple - h), max(0, self.multiple - w)
         x = F.pad(probabilities, (0, pad_w, 0, pad_h)) if pad_h or pad_w else probabilities
         logits = self.body(x)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)  # as Hung et al.
         return logits[..., :h, :w]
 
 

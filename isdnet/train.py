@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
 import random
@@ -68,6 +69,9 @@ from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
 METHODS = ("baseline", "adv", "adv-classifier", "hung", "isdnet")
+LR_SCHEDULES = ("constant", "poly")
+MODEL_SELECTIONS = ("best", "final")
+POLY_POWER = 0.9  # Hung et al.'s poly decay
 RESUMABLE_CHANGES = ("epochs", "device", "precision")  # options a resumed run may change
 
 
@@ -78,13 +82,20 @@ class TrainConfig:
     method: str = "isdnet"
     epochs: int = 40
     steps_per_epoch: Optional[int] = None  # default: one pass over the labeled slices
+    total_steps: Optional[int] = None  # a budget of S steps instead of epochs: the nearest whole number of epochs
     batch_size: int = 8
     learning_rate: float = 1e-4
     discriminator_learning_rate: Optional[float] = None  # D's and D0's; default: learning_rate, as the paper
+    discriminator_betas: tuple[float, float] = (0.9, 0.999)  # Adam's betas for D and D0 (Hung et al.: 0.9, 0.99)
+    lr_schedule: str = "constant"  # LR_SCHEDULES: "poly" decays every rate by (1 - step/steps)**0.9 (Hung et al.)
+    cross_entropy: float = 0.0  # weight of a cross-entropy term added to L_Dice on labeled data (not in the paper)
+    model_selection: str = "best"  # MODEL_SELECTIONS: the best epoch on validation, or the final one
     lambda_adv: float = 0.001
     lambda_semi: float = 1.0
     t_semi: float = 0.1
     warmup_epochs: int = 5
+    semi_rampup_epochs: int = 0  # lambda_semi grows linearly over this many epochs after the warm-up (not in the paper)
+    confidence_on_unlabeled: bool = False  # D also learns S's unlabeled predictions as fakes (Hung et al.'s code)
     class_weights: Optional[list[float]] = None  # default: losses.default_class_weights
     dice_form: str = "per-class"  # losses.DICE_FORMS: how (2) combines the classes (see losses.py)
     base_channels: int = 32
@@ -111,16 +122,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
             raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
         if self.lambda_adv < 0 or self.lambda_semi < 0:
             raise ValueError("lambda_adv and lambda_semi must be non-negative")
         if not 0 <= self.t_semi <= 1:
             raise ValueError(f"t_semi must lie in [0, 1], got {self.t_semi}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.model_selection not in MODEL_SELECTIONS:
+            raise ValueError(f"model_selection must be one of {MODEL_SELECTIONS}, got {self.model_selection!r}")
+        if self.cross_entropy < 0:
+            raise ValueError(f"cross_entropy must be non-negative, got {self.cross_entropy}")
         if self.dice_form not in DICE_FORMS:
             raise ValueError(f"dice_form must be one of {DICE_FORMS}, got {self.dice_form!r}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be non-negative, got {self.warmup_epochs}")
+        if self.warmup_epochs < 0 or self.semi_rampup_epochs < 0:
+            raise ValueError("warmup_epochs and semi_rampup_epochs must be non-negative")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
 
@@ -144,6 +163,7 @@ class SegmenterStep:
     losses: dict[str, torch.Tensor]  # detached scalars, read back once per iteration
     target: torch.Tensor  # one-hot labels of the labeled samples
     probabilities: torch.Tensor  # S's softmax on the labeled samples
+    probabilities_unlabeled: Optional[torch.Tensor]  # and on the unlabeled ones, when D also learns from them
     features_labeled: torch.Tensor
     features_unlabeled: Optional[torch.Tensor]
     weights: torch.Tensor  # importance weight of every sample: 1 for labeled ones
@@ -179,9 +199,12 @@ class Trainer:
         for net in self.networks().values():
             self.group.broadcast_parameters(net)
         critic_rate = config.discriminator_learning_rate or config.learning_rate
-        self.optimisers = {name: torch.optim.Adam(net.parameters(),
-                                                  lr=config.learning_rate if name == "S" else critic_rate)
+        betas = tuple(config.discriminator_betas)
+        self.optimisers = {name: torch.optim.Adam(net.parameters(), lr=config.learning_rate) if name == "S" else
+                           torch.optim.Adam(net.parameters(), lr=critic_rate, betas=betas)
                            for name, net in self.networks().items()}
+        self.base_rates = {name: opt.param_groups[0]["lr"] for name, opt in self.optimisers.items()}
+        self.semi_scale = 1.0  # the share of lambda_semi in force (the loop ramps it up after the warm-up)
         self.discarded: list[str] = []  # networks whose update was discarded for a non-finite loss or gradient
         self.dice = WeightedDiceLoss(weights, form=config.dice_form).to(device)
         self.semi = SemiSupervisedLoss(weights, threshold=config.t_semi, form=config.dice_form).to(device)
@@ -198,6 +221,13 @@ class Trainer:
             nets["D0"] = self.importance
         return nets
 
+    def set_progress(self, done: float) -> None:
+        """Set every learning rate for the share ``done`` (0..1) of the run's steps already taken."""
+        factor = (1.0 - min(max(done, 0.0), 1.0)) ** POLY_POWER if self.config.lr_schedule == "poly" else 1.0
+        for name, optimiser in self.optimisers.items():
+            for group in optimiser.param_groups:
+                group["lr"] = self.base_rates[name] * factor
+
     def train_step(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor,
                    x_unlabeled: Optional[torch.Tensor] = None) -> dict[str, float]:
         """One iteration: update S, then D (labeled data only), then D0 (labeled and unlabeled features).
@@ -208,7 +238,7 @@ class Trainer:
         step = self.step_segmenter(x_labeled, y_labeled, x_unlabeled)
         losses = dict(step.losses)
         if self.discriminator is not None:
-            losses["d"] = self.step_confidence(step.target, step.probabilities)
+            losses["d"] = self.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled)
         if self.importance is not None and step.features_unlabeled is not None:
             losses["d0"] = self.step_importance(step.features_labeled, step.features_unlabeled)
             losses["w_mean"] = step.weights[len(x_labeled):].mean()
@@ -238,6 +268,10 @@ class Trainer:
         loss_dice = self.dice(probabilities[:n_labeled], target)
         total = loss_dice
         losses = {"dice": loss_dice.detach()}
+        if cfg.cross_entropy:
+            loss_ce = F.cross_entropy(logits[:n_labeled].float(), y_labeled)
+            total = total + cfg.cross_entropy * loss_ce
+            losses["ce"] = loss_ce.detach()
         weights = torch.ones(len(x), device=self.device)
         if self.discriminator is not None:
             with autocast(self.device, self.dtype):
@@ -245,12 +279,14 @@ class Trainer:
             if semi and self.importance is not None:
                 with torch.no_grad(), autocast(self.device, self.dtype):
                     weights[n_labeled:] = importance_weights(self.importance(features[n_labeled:].detach()))
-            loss_adv = self.adversarial(confidence_logits, weights)
+            loss_adv = self.adversarial(confidence_logits[:n_labeled])
+            if semi:
+                loss_adv = loss_adv + self.adversarial(confidence_logits[n_labeled:], weights[n_labeled:])
             total = total + cfg.lambda_adv * loss_adv
             losses["adv"] = loss_adv.detach()
             if semi:
                 loss_semi = self.semi(probabilities[n_labeled:], confidence_logits[n_labeled:], weights[n_labeled:])
-                total = total + cfg.lambda_semi * loss_semi
+                total = total + cfg.lambda_semi * self.semi_scale * loss_semi
                 losses["semi"] = loss_semi.detach()
                 confident = self.semi.confident_mask(confidence_logits[n_labeled:]).mean()
                 losses["confident_fraction"] = confident.detach()
@@ -260,18 +296,24 @@ class Trainer:
                 net.requires_grad_(True)
         return SegmenterStep(
             losses=losses, target=target, probabilities=probabilities[:n_labeled].detach(),
+            probabilities_unlabeled=probabilities[n_labeled:].detach() if semi and cfg.confidence_on_unlabeled
+            else None,
             features_labeled=features[:n_labeled].detach(),
             features_unlabeled=features[n_labeled:].detach() if semi else None, weights=weights)
 
-    def step_confidence(self, target: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
-        """(3) L_D on labeled data: ground truth -> 1, S's (detached) prediction -> 0; returns the loss.
+    def step_confidence(self, target: torch.Tensor, probabilities: torch.Tensor,
+                        probabilities_unlabeled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(3) L_D on labeled data: ground truth -> 1, S's (detached) prediction -> 0; returns the loss. With
+        ``probabilities_unlabeled`` (the ``confidence_on_unlabeled`` variant), S's unlabeled predictions are fakes too.
 
-        Both go through D as one batch: D has no normalisation layer, so this equals two passes.
+        All go through D as one batch: D has no normalisation layer, so this equals separate passes.
         """
         assert self.discriminator is not None
+        fakes = probabilities if probabilities_unlabeled is None else torch.cat([probabilities,
+                                                                                probabilities_unlabeled])
         with autocast(self.device, self.dtype):
-            real, fake = self.discriminator(torch.cat([target, probabilities.detach()])).float().chunk(2)
-        loss = self.confidence_loss(real, fake)
+            logits = self.discriminator(torch.cat([target, fakes.detach()])).float()
+        loss = self.confidence_loss(logits[:len(target)], logits[len(target):])
         self._update("D", loss)
         return loss.detach()
 
@@ -344,6 +386,7 @@ class TrainResult:
     epochs_run: int
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
+    steps_per_epoch: int = 0
 
 
 def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -398,6 +441,7 @@ def epoch_batches(labeled_set: SliceDataset, unlabeled_set: Optional[SliceDatase
         unlabeled_set.reseed(seed + 7)
         unlabeled = _shuffled_batches(unlabeled_set, config.batch_size, seed + 7, group, pin)
     augmenter = torch.Generator().manual_seed(seed + 13)
+    augmenter_unlabeled = torch.Generator().manual_seed(seed + 17)  # labeled augmentation independent of it
     while True:
         x_l, y_l = next(labeled)
         x_l, y_l = to_device(x_l, device), y_l.to(device, non_blocking=True)
@@ -405,18 +449,18 @@ def epoch_batches(labeled_set: SliceDataset, unlabeled_set: Optional[SliceDatase
         if config.augment:
             x_l, y_l = augment(x_l, y_l, augmenter)
             if x_u is not None:
-                x_u, _ = augment(x_u, None, augmenter)
+                x_u, _ = augment(x_u, None, augmenter_unlabeled)
         yield x_l, y_l, x_u
 
 
 def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume], num_classes: int,
-                    device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
-    """Mean over volumes of the mean foreground Dice, on the model's slice grid."""
+                    device: torch.device, dtype: torch.dtype, batch_size: int, slice_size: tuple[int, int]) -> float:
+    """Mean over volumes of the mean foreground Dice, on the model's slice grid, slices padded as in training."""
     scores = []
     for volume in volumes:
         prediction = np.empty(volume.image.shape, dtype=np.uint8)
         for start, probs, _ in predict_slices(segmenter, volume.image, batch_size=batch_size, device=device,
-                                              dtype=dtype):
+                                              dtype=dtype, slice_size=slice_size, fill=volume.minimum):
             prediction[start:start + len(probs)] = probs.argmax(1).cpu().numpy()
         per_class = dice_per_class(prediction, np.asarray(volume.label), range(1, num_classes))
         scores.append(float(np.mean(list(per_class.values()))))
@@ -457,7 +501,7 @@ class StopRequest:
 
 def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
           config: TrainConfig, *, colors: Optional[dict[int, list[int]]] = None, progress: Optional[Progress] = None,
-          resume: bool = False, cache_dir: Optional[Path] = None) -> TrainResult:
+          resume: bool = False, cache_dir: Optional[Path] = None, best_out: Optional[Path] = None) -> TrainResult:
     """Train on labeled and unlabeled cases and write the best model to ``out`` (safetensors + JSON header).
 
     A checkpoint is written atomically after every epoch and when a stop is requested (SIGTERM/SIGINT);
@@ -479,6 +523,7 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         with OutputLock(out) if group.is_main else contextlib.nullcontext(), StopRequest() as stop, \
                 tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
             run = _TrainingRun(labeled, unlabeled, labels, out, config, colors, progress, Path(cache), group)
+            run.best_out = best_out
             return run.run(resume, stop)
     finally:
         shutdown(group)
@@ -493,6 +538,7 @@ class _TrainingRun:
         self.started = time.monotonic()
         self.group = group
         self.config, self.out, self.progress = config, out, progress
+        self.best_out: Optional[Path] = None  # where the best epoch on validation also goes, if anywhere
         self.values = sorted(labels)
         self.device = resolve_device(config.device)
         self.dtype = resolve_precision(config.precision, self.device, training=True)
@@ -510,6 +556,7 @@ class _TrainingRun:
         self.val_volumes = list(self._prepared(val_cases))
         self.trainer = Trainer(config, len(self.values), self.device, self.dtype, group)
         self.steps = config.steps_per_epoch or max(1, math.ceil(len(self.labeled_set) / config.batch_size))
+        self.epochs = max(1, round(config.total_steps / self.steps)) if config.total_steps else config.epochs
         self.header = _model_header(config, labels, colors, self.geometry, self.trainer, dict(
             labeled_cases=len(train_cases), validation_cases=len(val_cases), unlabeled_cases=len(unlabeled),
             labeled_slices=len(self.labeled_set),
@@ -533,20 +580,24 @@ class _TrainingRun:
             self._resume()
         config, state = self.config, self.state
         self.progress.emit(
-            "start", epochs=config.epochs, iterations_per_epoch=self.steps, start_epoch=state["epoch"] + 1,
+            "start", epochs=self.epochs, iterations_per_epoch=self.steps, start_epoch=state["epoch"] + 1,
             start_iteration=state["iteration"] + 1, labeled_slices=len(self.labeled_set),
             unlabeled_slices=self.header["provenance"]["unlabeled_slices"], validation_cases=len(self.val_volumes),
             device=str(self.device), precision=str(self.dtype).split(".")[-1], method=config.method,
             setup_s=round(time.monotonic() - self.started, 2))
         good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
         run_started, run_steps = time.monotonic(), 0
-        total_steps = (config.epochs - state["epoch"]) * self.steps - state["iteration"]
-        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        total_steps = (self.epochs - state["epoch"]) * self.steps - state["iteration"]
+        for epoch in range(state["epoch"] + 1, self.epochs + 1):
             batches = epoch_batches(self.labeled_set, self.unlabeled_set, config, epoch, self.device, self.group)
             for iteration in range(1, self.steps + 1):
                 x_l, y_l, x_u = next(batches)
                 if iteration <= state["iteration"]:
                     continue  # replayed to restore the data order of a stopped epoch; no compute
+                self.trainer.set_progress(((epoch - 1) * self.steps + iteration - 1) / (self.epochs * self.steps))
+                if config.semi_rampup_epochs:
+                    ramp = (epoch - 1 - config.warmup_epochs + (iteration - 1) / self.steps) / config.semi_rampup_epochs
+                    self.trainer.semi_scale = min(1.0, max(0.0, ramp))
                 losses = self.trainer.train_step(x_l, y_l, x_u)
                 if "discarded" in losses:
                     self.progress.emit("nonfinite", epoch=epoch, iteration=iteration,
@@ -571,7 +622,7 @@ class _TrainingRun:
                                    "rolled back to the last good state")
             good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
             self._end_epoch(epoch, run_started, run_steps, total_steps)
-            if self.group.any(stop.requested, self.device) and epoch < config.epochs:
+            if self.group.any(stop.requested, self.device) and epoch < self.epochs:
                 self.progress.emit("stopped", epoch=epoch, iteration=self.steps,
                                    message="training stopped; resume continues from here")
                 return self._result(stopped=True)
@@ -583,22 +634,29 @@ class _TrainingRun:
         """Validate, keep the best model, checkpoint, report."""
         state, config = self.state, self.config
         means = {k: v / self.steps for k, v in state["sums"].items()}
-        val = (validation_dice(self.trainer.segmenter, self.val_volumes, len(self.values), self.device, self.dtype,
-                               config.batch_size) if self.val_volumes and self.group.is_main else None)
-        if self.group.is_main and (val is None or state["best_val_dice"] is None or val > state["best_val_dice"]):
+        val = None
+        if self.val_volumes and self.group.is_main:
+            val = validation_dice(self.trainer.segmenter, self.val_volumes, len(self.values), self.device,
+                                  self.dtype, config.batch_size, self.geometry.size)
+        best = val is None or state["best_val_dice"] is None or val > state["best_val_dice"]
+        if best:
             state["best_val_dice"], state["best_epoch"] = val, epoch
+        if self.group.is_main:
             self.header["provenance"]["validation"] = {"dice": val, "epoch": epoch}
             self.header["provenance"]["training_time_s"] = round(time.monotonic() - self.started, 1)
             confidence = self.trainer.discriminator
-            save_model(self.out, self.header, self.trainer.segmenter,
-                       confidence if isinstance(confidence, ConfidenceNet) else None)
+            confidence = confidence if isinstance(confidence, ConfidenceNet) else None
+            if best and self.best_out is not None:
+                save_model(self.best_out, self.header, self.trainer.segmenter, confidence)
+            if best or config.model_selection == "final":
+                save_model(self.out, self.header, self.trainer.segmenter, confidence)
         state["history"].append({"epoch": epoch, "losses": _rounded(means), "val_dice": val,
                                  "semi": self.unlabeled_set is not None and epoch > config.warmup_epochs})
         state["iteration"], state["sums"] = 0, {}
         path = self._checkpoint(epoch)
         self.progress.emit("checkpoint", epoch=epoch, path=str(path))
         elapsed = time.monotonic() - run_started
-        self.progress.emit("epoch", epoch=epoch, epochs=config.epochs, losses=_rounded(means), val_dice=val,
+        self.progress.emit("epoch", epoch=epoch, epochs=self.epochs, losses=_rounded(means), val_dice=val,
                            best_val_dice=state["best_val_dice"], elapsed_s=round(time.monotonic() - self.started, 1),
                            eta_s=round(elapsed / max(run_steps, 1) * (total_steps - run_steps), 1))
 
@@ -616,7 +674,7 @@ class _TrainingRun:
         """Restore the newest sound checkpoint; it must come from a run with the same options and data."""
         tensors, meta, path = load_latest(checkpoint_path(self.out),
                                           report=lambda text: self.progress.emit("message", message=text))
-        saved, current = meta["config"], dataclasses.asdict(self.config)
+        saved, current = meta["config"], json.loads(json.dumps(dataclasses.asdict(self.config)))  # as saved
         changed = [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
         if changed:
             raise InputError(path, f"the checkpoint was made with other options ({', '.join(changed)}); "
@@ -631,7 +689,8 @@ class _TrainingRun:
 
     def _result(self, stopped: bool) -> TrainResult:
         s = self.state
-        return TrainResult(self.out, s["best_val_dice"], s["best_epoch"], s["epoch"], s["history"], stopped)
+        return TrainResult(self.out, s["best_val_dice"], s["best_epoch"], s["epoch"], s["history"], stopped,
+                           self.steps)
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
