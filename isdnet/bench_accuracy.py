@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passes over the labeled slices before the unlabeled terms start (the paper: 5)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--slice-size", type=int, nargs=2, default=[48, 48], metavar=("ROWS", "COLS"))
+    parser.add_argument("--slice-size", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                        help="training slice size (default: the whole slice, as planned from the training cases)")
     parser.add_argument("--learning-rate", type=float, default=1e-3,
                         help="Adam's rate for S (the paper: 1e-4, which leaves S far from converged within this "
                              "budget)")
@@ -193,7 +194,8 @@ def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
         discriminator_learning_rate=args.discriminator_learning_rate, lr_schedule=args.lr_schedule,
         discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
         lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
-        warmup_epochs=args.warmup_epochs, base_channels=args.base_channels, slice_size=list(args.slice_size),
+        warmup_epochs=args.warmup_epochs, base_channels=args.base_channels,
+        slice_size=list(args.slice_size) if args.slice_size else None,
         validation_fraction=args.validation_fraction, model_selection="final", seed=run.seed, device=args.device,
         precision=args.precision)
     return dataclasses.replace(config, **set_options(args), **dict(run.overrides))
@@ -475,7 +477,7 @@ def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:
     return (f"{n_train} training cases (labeled/unlabeled drawn from them), {n_test} test cases; about {args.steps} "
             f"steps of S (batch {args.batch_size}, whole passes over the labeled slices), warm-up "
             f"{args.warmup_epochs} passes, {args.lr_schedule} learning rate, final model scored; width "
-            f"{args.base_channels}, slices {args.slice_size[0]}x{args.slice_size[1]}, {args.precision}, "
+            f"{args.base_channels}, slices {'x'.join(map(str, args.slice_size or ['whole']))}, {args.precision}, "
             f"{args.device}; Adam {args.learning_rate:g} (D and D0: {critic_rate:g}); D width "
             f"{args.discriminator_channels}, map stride {args.discriminator_stride}; lambda_adv {args.lambda_adv}, "
             f"lambda_semi {args.lambda_semi}, T_semi {args.t_semi}; "
