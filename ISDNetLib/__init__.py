@@ -1,22 +1,13 @@
-"""Code shared by the ISDNetTrain and ISDNetSegment modules: no qt, no ctk, no module-level Slicer state.
+"""The Slicer side of ISDNet: logic that takes a MRML scene and has no GUI, shared by the ISDNet Train and
+ISDNet Segment modules and the web app.
 
-It lives in its own folder (installed beside both modules) so neither module's library depends on the other.
+- ``export``: labeled and unlabeled volume nodes to a dataset folder the engine trains on;
+- ``train``: ``TrainLogic``, a training child process followed into plot nodes;
+- ``segment``: ``SegmentLogic``, a model applied to a volume node, the result imported as a segmentation;
+- ``volumes``: volume nodes to and from SimpleITK images on the exact same grid;
+- ``runner``: the child-process runner the logics are given (tests inject their own);
+- ``dependencies``: torch and the engine's packages, installed on first use inside Slicer.
+
+It imports Slicer's MRML (``slicer``, ``vtk``) and ``isdnet.config``, never qt, ctk or torch, so it runs on
+slicer-core and loads before torch is installed.
 """
-
-from .dependencies import DependencyReport, check_dependencies, ensure_dependencies
-from .runner import ProcessRunner, engine_environment, parse_event, python_executable
-from .volumes import image_from_volume, require_image_data, volume_from_image, write_volume
-
-__all__ = [
-    "DependencyReport",
-    "ProcessRunner",
-    "check_dependencies",
-    "engine_environment",
-    "ensure_dependencies",
-    "image_from_volume",
-    "parse_event",
-    "python_executable",
-    "require_image_data",
-    "volume_from_image",
-    "write_volume",
-]

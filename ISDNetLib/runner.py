@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -50,18 +49,6 @@ def engine_environment(extra: Optional[dict[str, str]] = None) -> dict[str, str]
         env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra or {})
     return env
-
-
-def parse_event(line: str) -> Optional[dict[str, Any]]:
-    """The progress event a stdout line carries, or None for plain log text."""
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        event = json.loads(text)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None
 
 
 class ProcessRunner:

@@ -1,14 +1,13 @@
 """ISDNetSegment: segment a volume with a trained ISDNet model into a segmentation node.
 
 The widget is thin: it loads Resources/UI/ISDNetSegment.ui, keeps its choices in a parameter node and hands the
-work to ``ISDNetSegmentLib.SegmentLogic``. Large volumes are segmented by a child process that a timer polls, so
-Slicer stays responsive and Apply turns into Cancel.
+work to its logic, ``ISDNetLib.segment.SegmentLogic``. Large volumes are segmented by a child process that a
+timer polls, so Slicer stays responsive and Apply turns into Cancel.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,7 +15,6 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from ISDNetSegmentLib import SegmentLogic, describe_model, read_model_header
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -27,8 +25,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ISDNetLib import testing
+from isdnet.config import DEVICES
 from ISDNetLib.dependencies import check_dependencies, ensure_dependencies_in_slicer
+from ISDNetLib.segment import SegmentLogic, describe_model, read_model_header
 
 POLL_INTERVAL_MS = 300
 
@@ -57,11 +56,16 @@ class ISDNetSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     addToExisting: bool = False
     loadConfidence: bool = False
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
 
 
-class ISDNetSegmentLogic(ScriptedLoadableModuleLogic):
-    """Only the parameter node; the work is done by ``ISDNetSegmentLib.SegmentLogic``."""
+class ISDNetSegmentLogic(ScriptedLoadableModuleLogic, SegmentLogic):
+    """The module's logic is ``ISDNetLib.segment.SegmentLogic`` on Slicer's scene; Slicer's base adds the
+    parameter node."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        SegmentLogic.__init__(self, slicer.mrmlScene)
 
     def getParameterNode(self) -> ISDNetSegmentParameterNode:
         return ISDNetSegmentParameterNode(super().getParameterNode())
@@ -73,7 +77,7 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic: Optional[SegmentLogic] = None
+        self.logic: Optional[ISDNetSegmentLogic] = None
         self._parameterNode: Optional[ISDNetSegmentParameterNode] = None
         self._parameterNodeGuiTag = None
 
@@ -83,7 +87,7 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = SegmentLogic(slicer.mrmlScene)
+        self.logic = ISDNetSegmentLogic()
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onTimer)
@@ -117,7 +121,7 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(ISDNetSegmentLogic().getParameterNode())
+        self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
@@ -233,36 +237,32 @@ class ISDNetSegmentTest(ScriptedLoadableModuleTest):
         self.test_segment_save_reload()
 
     def test_segment_save_reload(self) -> None:
-        from ISDNetTrainLib import TrainingOptions, TrainLogic  # installed beside this module; only the test needs it
+        if not ensure_dependencies_in_slicer():
+            self.skipTest("the engine's Python packages (torch) are not installed")
+        import SimpleITK as sitk
+        import sitkUtils
 
-        scene = slicer.mrmlScene
+        from isdnet.config import TrainConfig
+        from isdnet.data import load_dataset
+        from isdnet.phantoms import make_phantom, write_phantom_dataset
+        from isdnet.train import train
+
         folder = Path(tempfile.mkdtemp(prefix="ISDNetSegmentTest-"))
         self.delayDisplay("Training a tiny model on phantoms")
-        pairs = []
-        for n in range(3):
-            image, labels = testing.phantom((12, 32, 32), seed=n, center_shift=0.05 * n)
-            volume = testing.add_volume(scene, image, f"phantom {n}", (0.8, 0.8, 2.5))
-            pairs.append((volume, testing.add_segmentation(scene, volume, labels, testing.ORGAN_NAMES,
-                                                           testing.ORGAN_COLORS)))
-        trainer = TrainLogic(scene)
-        trainer.export_dataset(pairs[:2], [pairs[2][0]], folder / "dataset")
+        spec = load_dataset(write_phantom_dataset(folder / "phantoms", 3, seed=0, shape=(12, 32, 32)))
         model = folder / "model.safetensors"
-        trainer.start(folder / "dataset", model,
-                      TrainingOptions(epochs=1, extra_arguments=testing.TINY_TRAINING))
-        deadline = time.monotonic() + 600
-        while trainer.poll().state == "running" and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        self.assertEqual(trainer.status.state, "done", trainer.status.message)
+        train(spec.cases[:2], spec.cases[2:], spec.labels, model,
+              TrainConfig(epochs=1, base_channels=8, batch_size=4, slice_size=[32, 32], precision="fp32"))
 
         self.delayDisplay("Segmenting a float volume with other spacing and orientation")
-        image, _ = testing.phantom((10, 36, 30), seed=7)
-        volume = testing.add_volume(scene, image.astype(np.float32), "patient", (0.6, 1.1, 3.0), (12, -30, 7),
-                                    testing.rotation(30, 2) @ testing.rotation(-20, 0))
-        node = SegmentLogic(scene).segment(volume, model)
+        image, _ = make_phantom(7, shape=(12, 40, 40), spacing=(0.6, 1.1, 3.0))
+        rotation = sitk.VersorTransform((0.2, 0.1, 0.9), 0.5).GetMatrix()
+        image.SetDirection(rotation)
+        volume = sitkUtils.PushVolumeToSlicer(sitk.Cast(image, sitk.sitkFloat32), name="patient")
+        node = ISDNetSegmentLogic().segment(volume, model)
         segmentation = node.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, list(testing.ORGAN_NAMES))
+        self.assertEqual(names, [spec.labels[v] for v in sorted(spec.labels) if v != 0])
         self.assertIs(node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()), volume)
 
         self.delayDisplay("Saving and reloading as .seg.nrrd")

@@ -1,8 +1,8 @@
 """ISDNetTrain: train an ISDNet model on the scene's volumes, labeled (with a segmentation) and unlabeled.
 
 The widget is thin: it loads Resources/UI/ISDNetTrain.ui, keeps its options in a parameter node and hands the
-work to ``ISDNetTrainLib.TrainLogic``, which exports the data and runs training in a child process that a timer
-polls, so Slicer never blocks.
+work to its logic, ``ISDNetLib.train.TrainLogic``, which exports the data and runs training in a child process
+that a timer polls, so Slicer never blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Annotated, Optional
 import qt
 import slicer
 import vtk
-from ISDNetTrainLib import TrainingOptions, TrainLogic
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -28,8 +27,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ISDNetLib import testing
+from isdnet.config import DEVICES, METHODS, SLICE_AXES, TrainConfig, model_stem
 from ISDNetLib.dependencies import ensure_dependencies_in_slicer
+from ISDNetLib.train import TrainingOptions, TrainLogic
+
+DEFAULTS = TrainConfig()
 
 POLL_INTERVAL_MS = 500
 LOG_LINES_SHOWN = 400
@@ -59,19 +61,24 @@ class ISDNetTrainParameterNode:
     labeledVolumes: list[vtkMRMLScalarVolumeNode]
     labeledSegmentations: list[vtkMRMLSegmentationNode]
     unlabeledVolumes: list[vtkMRMLScalarVolumeNode]
-    method: Annotated[str, Choice(["isdnet", "hung", "adv", "adv-classifier", "baseline"])] = "isdnet"
-    epochs: Annotated[int, WithinRange(1, 100000)] = 40
-    lambdaAdv: Annotated[float, WithinRange(0.0, 100.0)] = 0.001
-    lambdaSemi: Annotated[float, WithinRange(0.0, 100.0)] = 1.0
-    tSemi: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
-    sliceAxis: Annotated[str, Choice(["auto", "x", "y", "z"])] = "auto"
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    method: Annotated[str, Choice(list(METHODS))] = DEFAULTS.method
+    epochs: Annotated[int, WithinRange(1, 100000)] = DEFAULTS.epochs
+    lambdaAdv: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS.lambda_adv
+    lambdaSemi: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS.lambda_semi
+    tSemi: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS.t_semi
+    sliceAxis: Annotated[str, Choice(list(SLICE_AXES))] = DEFAULTS.slice_axis
+    device: Annotated[str, Choice(list(DEVICES))] = DEFAULTS.device
     outputModelPath: Path = Path(os.path.expanduser("~")) / "ISDNet" / "model.safetensors"
     keepTrainingOnExit: bool = False
 
 
-class ISDNetTrainLogic(ScriptedLoadableModuleLogic):
-    """Only the parameter node; the work is done by ``ISDNetTrainLib.TrainLogic``."""
+class ISDNetTrainLogic(ScriptedLoadableModuleLogic, TrainLogic):
+    """The module's logic is ``ISDNetLib.train.TrainLogic`` on Slicer's scene; Slicer's base adds the parameter
+    node."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        TrainLogic.__init__(self, slicer.mrmlScene)
 
     def getParameterNode(self) -> ISDNetTrainParameterNode:
         return ISDNetTrainParameterNode(super().getParameterNode())
@@ -95,7 +102,7 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = TrainLogic(slicer.mrmlScene)
+        self.logic = ISDNetTrainLogic()
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onTimer)
@@ -150,7 +157,7 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QTimer.singleShot(0, self.updateVolumeTable)
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(ISDNetTrainLogic().getParameterNode())
+        self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, parameterNode: Optional[ISDNetTrainParameterNode]) -> None:
         if self._parameterNode:
@@ -243,8 +250,8 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----- training
     def options(self) -> TrainingOptions:
         p = self._parameterNode
-        return TrainingOptions(method=p.method, epochs=p.epochs, lambda_adv=p.lambdaAdv, lambda_semi=p.lambdaSemi,
-                               t_semi=p.tSemi, slice_axis=p.sliceAxis, device=p.device)
+        return TrainingOptions(dict(method=p.method, epochs=p.epochs, lambda_adv=p.lambdaAdv, lambda_semi=p.lambdaSemi,
+                                    t_semi=p.tSemi, slice_axis=p.sliceAxis, device=p.device))
 
     def onTrainOrStop(self) -> None:
         if self.logic.is_running:
@@ -255,7 +262,7 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         labeled, unlabeled = self.selectedData()
         model = Path(self._parameterNode.outputModelPath)
-        dataset = model.with_name(model.name.split(".")[0] + "_dataset")
+        dataset = model.with_name(model_stem(model) + "_dataset")
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             self.ui.statusLabel.text = "Exporting the volumes and segmentations..."
             slicer.app.processEvents()
@@ -320,7 +327,7 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class ISDNetTrainTest(ScriptedLoadableModuleTest):
-    """Slicer self-test: export phantoms, train a tiny model in a child process, stop, resume, finish."""
+    """Slicer self-test: load phantoms, train a tiny model in a child process, stop, resume, finish."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -330,23 +337,23 @@ class ISDNetTrainTest(ScriptedLoadableModuleTest):
         self.test_train_stop_resume()
 
     def test_train_stop_resume(self) -> None:
+        if not ensure_dependencies_in_slicer():
+            self.skipTest("the engine's Python packages (torch) are not installed")
+        from isdnet.phantoms import write_phantom_dataset
+
         self.delayDisplay("Making phantoms")
-        scene = slicer.mrmlScene
-        pairs, unlabeled = [], []
-        for n in range(4):
-            image, labels = testing.phantom((12, 32, 32), seed=n, center_shift=0.05 * n)
-            volume = testing.add_volume(scene, image, f"phantom {n}", (0.8, 0.8, 2.5), (0, 0, 0),
-                                        testing.rotation(10 * n, 2))
-            if n < 3:
-                pairs.append((volume, testing.add_segmentation(scene, volume, labels, testing.ORGAN_NAMES,
-                                                               testing.ORGAN_COLORS)))
-            else:
-                unlabeled.append(volume)
         folder = Path(tempfile.mkdtemp(prefix="ISDNetTrainTest-"))
-        logic = TrainLogic(scene)
+        phantoms = write_phantom_dataset(folder / "phantoms", 4, seed=0, shape=(12, 32, 32), spacing=(0.8, 0.8, 2.5))
+        images = sorted((phantoms / "imagesTr").iterdir())
+        labels = sorted((phantoms / "labelsTr").iterdir())
+        pairs = [(slicer.util.loadVolume(str(image)), slicer.util.loadSegmentation(str(label)))
+                 for image, label in zip(images[:3], labels[:3])]
+        unlabeled = [slicer.util.loadVolume(str(images[3]))]
+        logic = ISDNetTrainLogic()
         logic.export_dataset(pairs, unlabeled, folder / "dataset")
         model = folder / "model.safetensors"
-        options = TrainingOptions(epochs=3, extra_arguments=testing.TINY_TRAINING + ["--warmup-epochs", "1"])
+        options = TrainingOptions(dict(epochs=3, warmup_epochs=1, base_channels=8, batch_size=4, slice_size=[32, 32],
+                                       precision="fp32"))
         self.delayDisplay("Training")
         logic.start(folder / "dataset", model, options)
         self._waitFor(logic, lambda s: s.state != "running" or (1 in logic.history and s.epoch >= 2))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ISDNetTrainLib.logic import METHODS
 from trame.app import get_server
 from trame.decorators import TrameApp, change
 from trame.ui.vuetify3 import VAppLayout
@@ -24,6 +23,7 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from isdnet.config import METHODS, MODEL_SUFFIX, SEGMENTATION_ENDING, TrainConfig
 from ISDNetLib.volumes import NodeError
 
 from .chart import training_chart
@@ -36,6 +36,8 @@ LAYOUT = "ISDNet"
 VIEW_ORDER = ("axial", "sagittal", "3D", "coronal")
 # PNG keeps the views exact (and their colours checkable); trame-rca's PIL JPEG fallback garbles slice views here.
 ENCODER = "png"
+
+DEFAULTS = TrainConfig()
 
 
 @dataclass
@@ -125,13 +127,13 @@ class ISDNetWebApp:
         s.volumes, s.current_volume = [], None
         s.workspace_files, s.workspace_file = self.workspace.files(), None
         s.load_kind = "image"
-        s.methods, s.method, s.epochs, s.model_name = list(METHODS), "isdnet", 10, "model"
+        s.methods, s.method, s.epochs, s.model_name = list(METHODS), DEFAULTS.method, DEFAULTS.epochs, "model"
         s.train_state, s.train_progress, s.train_text = "idle", 0, ""
         s.chart_svg = training_chart({})
         s.models, s.model = self.session.models(), None
         s.segment_state, s.segment_progress = "idle", 0
         s.show_confidence, s.has_result, s.has_confidence = False, False, False
-        s.seg_file_name, s.model_file_name = "segmentation.seg.nrrd", "model.safetensors"
+        s.seg_file_name, s.model_file_name = f"segmentation{SEGMENTATION_ENDING}", f"model{MODEL_SUFFIX}"
         if s.models:
             s.model = s.models[-1]
 
@@ -261,7 +263,7 @@ class ISDNetWebApp:
         if entry is None:
             return
         s.seg_file_name = f"{entry.node.GetName()}.seg.nrrd"
-        s.model_file_name = Path(str(s.model or "model.safetensors")).name
+        s.model_file_name = Path(str(s.model or f"model{MODEL_SUFFIX}")).name
         display = self.slicer_app.display_manager
         display.show_volume_in_slice_background(entry.node)
         confidence = entry.confidence if s.show_confidence and s.has_confidence else None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from html import escape
 
-from ISDNetTrainLib.logic import LOSS_TITLES, SERIES_COLORS, VAL_DICE
+from isdnet.config import LOSS_TITLES, VAL_DICE
+from ISDNetLib.train import SERIES_COLORS
 
 WIDTH, PLOT_HEIGHT, MARGIN, LINE = 330, 110, 28, 12
 

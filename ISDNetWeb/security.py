@@ -162,6 +162,6 @@ def access_middleware(token: Optional[str], loopback_only: bool) -> Callable[[An
         cookie = request.cookies.get(TOKEN_COOKIE)
         if cookie is not None and hmac.compare_digest(cookie.encode(), token.encode()):
             return await handler(request)
-        raise web.HTTPUnauthorized(text="ISDNet web: open the address printed by 'isdnet web', with its ?token=")
+        raise web.HTTPUnauthorized(text="ISDNet web: open the address printed by 'isdnet-web', with its ?token=")
 
     return middleware

@@ -1,6 +1,6 @@
 """The workflow behind the web page: volumes and their labels in a Slicer scene, training and segmentation.
 
-Training and segmentation are ISDNetTrainLib's TrainLogic and ISDNetSegmentLib's SegmentLogic; this class only
+Training and segmentation are ISDNetLib's TrainLogic and SegmentLogic; this class only
 loads files into nodes, keeps which volume is labeled, and names the files in the workspace. No trame here.
 """
 
@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import slicer
-from ISDNetSegmentLib import SegmentLogic, SegmentStatus
-from ISDNetTrainLib import TrainingOptions, TrainingStatus, TrainLogic
 
+from isdnet.config import CHECKPOINT_SUFFIX, MODEL_SUFFIX
+from ISDNetLib.segment import SegmentLogic, SegmentStatus
+from ISDNetLib.train import TrainingOptions, TrainingStatus, TrainLogic
 from ISDNetLib.volumes import temporary_nodes
 
 from .security import SAFE_NAME, Workspace, WorkspaceError
@@ -144,23 +145,22 @@ class WebSession:
         name = model_name(name)
         labeled = [(e.node, e.label) for e in self.volumes.values() if e.role == "labeled"]
         unlabeled = [e.node for e in self.volumes.values() if e.role == "unlabeled"]
-        options = TrainingOptions(method=method, epochs=epochs, device=self.device,
-                                  extra_arguments=self.train_arguments)
+        options = TrainingOptions(dict(method=method, epochs=epochs, device=self.device), self.train_arguments)
         options.validate()
         folder = self.workspace.folder("datasets") / name
         self.train.export_dataset(labeled, unlabeled, folder)
-        model = self.workspace.folder("models") / f"{name}.safetensors"
+        model = self.workspace.folder("models") / f"{name}{MODEL_SUFFIX}"
         self.train.start(folder, model, options)
         return model
 
     def models(self) -> list[str]:
         """Model files in the workspace (checkpoints left out)."""
-        return [p for p in self.workspace.files((".safetensors",)) if not p.endswith(".checkpoint.safetensors")]
+        return [p for p in self.workspace.files((MODEL_SUFFIX,)) if not p.endswith(CHECKPOINT_SUFFIX)]
 
     def model_path(self, relative: str) -> Path:
         """A model file in the workspace; raises WorkspaceError when it is not one."""
         path = self.workspace.resolve(relative)
-        if not path.is_file() or not path.name.endswith(".safetensors"):
+        if not path.is_file() or not path.name.endswith(MODEL_SUFFIX):
             raise WorkspaceError(f"'{relative}' is not a model file in the workspace")
         return path
 

@@ -1,29 +1,19 @@
 """A Slicer scene without the Slicer application, for testing the modules' logic on slicer-core.
 
 ``make_scene()`` builds a ``vtkMRMLScene`` with an application logic and the Colors, Volumes, Segmentations and
-SubjectHierarchy logics registered by name, as Slicer does at startup. The phantoms and node builders
-(small volumes with anisotropic spacing and oblique directions, segmentation nodes on them) come from
-``ISDNetLib.testing``, which the modules' Slicer self-tests use too. Importing this file also puts
-the repository root and the two module folders on ``sys.path``, so tests import ``ISDNetTrainLib``,
-``ISDNetSegmentLib``, ``ISDNetLib`` and ``isdnet`` as Slicer would.
+SubjectHierarchy logics registered by name, as Slicer does at startup. The node builders (small
+volumes with anisotropic spacing and oblique directions, segmentation nodes on them) come from
+``slicer_nodes`` beside this file.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-for _path in (ROOT, ROOT / "ISDNetTrain", ROOT / "ISDNetSegment"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import slicer  # noqa: E402
-import vtk  # noqa: E402
-
-from ISDNetLib.testing import (  # noqa: E402, F401 - re-exported for the tests
+import slicer
+import vtk
+from slicer_nodes import (  # noqa: F401 - re-exported for the tests
     ORGAN_COLORS,
     ORGAN_NAMES,
     TINY_TRAINING,

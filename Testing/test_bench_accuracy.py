@@ -1,4 +1,4 @@
-"""``isdnet bench accuracy``: run planning, the report, and the --quick path end to end on real hippocampus MRI."""
+"""``isdnet-bench accuracy``: run planning, the report, and the --quick path end to end on real hippocampus MRI."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from isdnet import bench_accuracy
-from isdnet.cli import main
 from isdnet.data import Case
+from isdnet_bench import accuracy as bench_accuracy
+from isdnet_bench.cli import main
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hippocampus"
 
@@ -73,7 +73,7 @@ def test_targets_compare_gain_with_seed_spread():
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"{HIPPOCAMPUS} is absent: the real-MRI benchmark test "
                     "needs the Decathlon hippocampus dataset there")
 def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
-    code = main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+    code = main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"])
     assert code == 0
@@ -92,12 +92,12 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert "| isdnet |" in markdown and "Targets" in markdown
     assert "| isdnet |" in capsys.readouterr().out
     # A second invocation reuses the finished runs instead of training again.
-    assert main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+    assert main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["runs_reused"] == 2
     # --report-only reports the finished runs and trains none of the missing ones (here: adv).
-    assert main(["bench", "accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+    assert main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "adv", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32",
                  "--report-only"]) == 0

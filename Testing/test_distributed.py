@@ -16,10 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from isdnet.checkpoint import tensor_checksum
+from isdnet.config import TrainConfig
 from isdnet.distributed import ProcessGroup
 from isdnet.infer import segment
 from isdnet.phantoms import write_phantom_dataset
-from isdnet.train import TrainConfig, Trainer
+from isdnet.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(base_channels=4, discriminator_channels=4, importance_channels=8, precision="fp32", device="cpu",

@@ -1,6 +1,6 @@
 """The fast inference and training paths give the same answers as plain float32 PyTorch.
 
-Speed itself is measured by ``isdnet bench speed``, never asserted here.
+Speed itself is measured by ``isdnet-bench speed``, never asserted here.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import SimpleITK as sitk
 import torch
 
 from isdnet import runtime
-from isdnet.cli import main
+from isdnet.config import TrainConfig
 from isdnet.data import NORMALISATION, SliceGeometry, prepare_volume
 from isdnet.infer import batch_size_for, class_indices, predict_slices, segment
 from isdnet.metrics import dice_per_class
 from isdnet.modelfile import LoadedModel, make_header
 from isdnet.networks import SUNet
 from isdnet.phantoms import make_phantom
-from isdnet.train import TrainConfig, Trainer
+from isdnet.train import Trainer
+from isdnet_bench.cli import main
 
 CPU = torch.device("cpu")
 GEOMETRY = SliceGeometry("z", (1.0, 1.0), (64, 64))
@@ -140,7 +141,7 @@ def test_precision_policy(monkeypatch):
 
 def test_bench_speed_quick_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    assert main(["bench", "speed", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["speed", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {"matmul_peak_gflops", "inference", "memory", "training", "agreement", "machine"} <= set(results)
     assert [row["volume"] for row in results["inference"]] == ["LASC", "CT"]

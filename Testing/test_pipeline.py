@@ -9,12 +9,13 @@ import pytest
 import SimpleITK as sitk
 
 from isdnet.cli import main
+from isdnet.config import TrainConfig, checkpoint_path
 from isdnet.data import load_dataset, split_labeled
 from isdnet.infer import segment
 from isdnet.modelfile import load_model, read_header
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress
-from isdnet.train import TrainConfig, checkpoint_path, train
+from isdnet.train import train
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
 PHANTOM = dict(shape=(12, 48, 48), spacing=(1.5, 1.5, 3.0))

@@ -13,14 +13,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from isdnet.checkpoint import load_latest, previous_path, read_checkpoint, save_checkpoint
+from isdnet.checkpoint import load_latest, read_checkpoint, save_checkpoint
+from isdnet.config import TrainConfig, checkpoint_path
+from isdnet.config import previous_checkpoint_path as previous_path
 from isdnet.data import load_dataset
 from isdnet.errors import InputError, TrainingError
 from isdnet.files import OutputLock, write_atomically
 from isdnet.modelfile import load_model
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress
-from isdnet.train import TrainConfig, Trainer, checkpoint_path, train
+from isdnet.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PHANTOM = dict(shape=(12, 48, 48), spacing=(1.5, 1.5, 3.0))

@@ -13,10 +13,11 @@ import slicer
 import slicer.util
 import slicer_fixture as fx
 import vtk
-from ISDNetSegmentLib import SegmentLogic, describe_model, read_model_header
-from ISDNetTrainLib import export_dataset
 
+from isdnet.config import train_arguments
+from ISDNetLib.export import export_dataset
 from ISDNetLib.runner import engine_environment
+from ISDNetLib.segment import SegmentLogic, describe_model, read_model_header
 from ISDNetLib.volumes import NodeError, ijk_to_ras, image_from_volume
 
 
@@ -32,20 +33,20 @@ def model_path(tmp_path_factory):
     scene = fx.make_scene()
     pairs = []
     for n in range(3):
-        image, labels = fx.phantom((12, 32, 32), seed=n, center_shift=0.05 * n)
+        image, labels = fx.phantom((12, 32, 32), seed=n)
         volume = fx.add_volume(scene.scene, image, f"train {n}", (0.8, 0.8, 2.5))
         pairs.append((volume, fx.add_segmentation(scene.scene, volume, labels, fx.ORGAN_NAMES, fx.ORGAN_COLORS)))
     export_dataset(scene.scene, pairs[:2], [pairs[2][0]], folder / "ds")
     model = folder / "model.safetensors"
     subprocess.run([sys.executable, "-m", "isdnet", "train", str(folder / "ds"), "--out", str(model),
-                    "--epochs", "1", *fx.TINY_TRAINING], check=True,
+                    *train_arguments(epochs=1, **fx.TINY_TRAINING)], check=True,
                    env=engine_environment(), capture_output=True, timeout=300)
     return model
 
 
 def oblique_float_volume(scene, name: str = "patient"):
     """A float32 volume whose spacing and orientation differ from the (int16, axial) training data."""
-    image, labels = fx.phantom((10, 36, 30), seed=7)
+    image, labels = fx.phantom((12, 40, 40), seed=7)
     return fx.add_volume(scene, image.astype(np.float32) * 1.5 - 40, name, (0.6, 1.1, 3.0), (12.0, -30.0, 7.0),
                          fx.rotation(30, 2) @ fx.rotation(-20, 0))
 
@@ -104,7 +105,7 @@ def test_segment_in_process_on_a_differing_volume(mrml, model_path, monkeypatch)
     logic = SegmentLogic(scene)
     calls = []
     node = logic.segment(volume, model_path, confidence=True, progress=lambda done, total: calls.append(done))
-    assert node.GetName() == "patient segmentation" and calls and calls[-1] == 10
+    assert node.GetName() == "patient segmentation" and calls and calls[-1] == 12
     assert segment_names_and_colors(node) == EXPECTED_SEGMENTS
     assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
@@ -166,7 +167,7 @@ def test_background_process_and_cancel(mrml, model_path, monkeypatch):
 def test_replace_or_add_to_an_existing_segmentation(mrml, model_path):
     scene = mrml.scene
     volume = oblique_float_volume(scene)
-    image, labels = fx.phantom((10, 36, 30), seed=7)
+    image, labels = fx.phantom((12, 40, 40), seed=7)
     existing = fx.add_segmentation(scene, volume, labels, ["drawn by hand"], [(0.1, 0.1, 0.9)], "mine")
     logic = SegmentLogic(scene)
     logic.segment(volume, model_path, segmentation_node=existing, replace=False)

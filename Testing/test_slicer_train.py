@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer_fixture as fx
-from ISDNetTrainLib import TrainingOptions, TrainLogic, export_dataset
-from ISDNetTrainLib.logic import checkpoint_path
 
+from isdnet.config import checkpoint_path, log_path
+from ISDNetLib.export import export_dataset
+from ISDNetLib.train import TrainingOptions, TrainLogic
 from ISDNetLib.volumes import NodeError, ijk_to_ras
 
 
@@ -41,7 +42,7 @@ def labeled_scene(scene, count: int = 2, unlabeled: int = 1, shape=(12, 32, 32))
     pairs, others = [], []
     for n in range(count + unlabeled):
         spacing, origin, directions, dtype = geometries[n % len(geometries)]
-        image, labels = fx.phantom(shape, seed=n, dtype=dtype, center_shift=0.05 * n)
+        image, labels = fx.phantom(shape, seed=n, dtype=dtype)
         volume = fx.add_volume(scene, image, f"case {n}", spacing, origin, directions)
         if n < count:
             pairs.append((volume, fx.add_segmentation(scene, volume, labels, fx.ORGAN_NAMES, fx.ORGAN_COLORS)))
@@ -81,7 +82,7 @@ def test_export_keeps_voxels_and_geometry(mrml, tmp_path):
         assert labels.GetPixelID() == sitk.sitkUInt8
         assert labels.GetSize() == image.GetSize()
         np.testing.assert_allclose(ras_matrix_from_itk(labels), ijk_to_ras(volume), atol=1e-4)
-        _, expected = fx.phantom(voxels.shape, seed=index, center_shift=0.05 * index)
+        _, expected = fx.phantom(voxels.shape, seed=index)
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), expected)
 
 
@@ -181,7 +182,7 @@ def run_fake(mrml, tmp_path, mode: str) -> FakeTrainLogic:
     script.write_text(FAKE_TRAINING)
     (tmp_path / "dataset.json").write_text("{}")
     logic = FakeTrainLogic(mrml.scene, script, mode)
-    logic.start(tmp_path, tmp_path / "m.safetensors", TrainingOptions(epochs=2))
+    logic.start(tmp_path, tmp_path / "m.safetensors", TrainingOptions(dict(epochs=2)))
     return logic
 
 
@@ -215,7 +216,7 @@ def test_progress_fills_status_and_plot_nodes(mrml, tmp_path):
 
 
 def test_status_text_while_running():
-    from ISDNetTrainLib import TrainingStatus
+    from ISDNetLib.train import TrainingStatus
 
     status = TrainingStatus(state="running", epoch=3, epochs=10, iteration=5, iterations=10, eta_s=125)
     assert status.fraction == pytest.approx(0.25)
@@ -307,17 +308,15 @@ def test_a_detached_training_outlives_its_parent_process(tmp_path):
     assert "[left running when the application closed]" in text and "model written after 3 s" in text
 
 
-def test_options_match_the_engine():
-    from isdnet.train import METHODS, TrainConfig
-
-    defaults, options = TrainConfig(), TrainingOptions()
-    for name in ("method", "epochs", "lambda_adv", "lambda_semi", "t_semi", "slice_axis", "device"):
-        assert getattr(options, name) == getattr(defaults, name), name
-    from ISDNetTrainLib.logic import METHODS as MODULE_METHODS
-
-    assert set(MODULE_METHODS) == set(METHODS)
-    with pytest.raises(ValueError, match="T_semi must lie between 0 and 1"):
-        TrainingOptions(t_semi=1.5).validate()
+def test_options_become_the_engines_command_line():
+    options = TrainingOptions(dict(method="hung", epochs=40, lambda_semi=0.5, augment=False, slice_size=[32, 48]),
+                              ["--seed", "3"])
+    assert options.arguments() == ["--method", "hung", "--lambda-semi", "0.5", "--no-augment", "--slice-size", "32",
+                                   "48", "--seed", "3"], "defaults (40 epochs) are left to the engine"
+    with pytest.raises(ValueError, match="t_semi must lie in"):
+        TrainingOptions(dict(t_semi=1.5)).validate()
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainingOptions(dict(lambda_sem=1.0)).validate()
 
 
 @pytest.mark.slow
@@ -327,7 +326,7 @@ def test_training_end_to_end_with_stop_and_resume(mrml, tmp_path):
     logic = TrainLogic(mrml.scene, python=sys.executable)
     logic.export_dataset(pairs, unlabeled, tmp_path / "ds")
     model = tmp_path / "model.safetensors"
-    options = TrainingOptions(epochs=2, extra_arguments=fx.TINY_TRAINING + ["--warmup-epochs", "1"])
+    options = TrainingOptions(dict(epochs=2, warmup_epochs=1, **fx.TINY_TRAINING))
     logic.start(tmp_path / "ds", model, options)
     poll_until(logic, lambda s: s.state != "running" or (1 in logic.history and s.epoch >= 2), 300)
     assert logic.status.state == "running", logic.status.message
@@ -345,7 +344,7 @@ def test_training_end_to_end_with_stop_and_resume(mrml, tmp_path):
     names = [logic.chart_node.GetNthPlotSeriesNode(i).GetYColumnName()
              for i in range(logic.chart_node.GetNumberOfPlotSeriesNodes())]
     assert {"dice", "adv", "semi", "d", "d0", "val_dice"} <= set(names)
-    log = logic.log_path(model).read_text()
+    log = log_path(model).read_text()
     assert "--resume" in log and "[stopped by the user]" in log
 
 

@@ -1,4 +1,4 @@
-"""The web app (``isdnet web``, ISDNetWeb/): its safety rules, and the whole workflow in headless Chromium.
+"""The web app (``isdnet-web``, ISDNetWeb/): its safety rules, and the whole workflow in headless Chromium.
 
 The browser test starts the server on a free loopback port, drives Debian's ``chromium`` through Playwright
 (no downloaded browser), loads phantoms, trains a tiny model, segments, checks the colours of the axial view,
@@ -27,11 +27,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "ISDNetTrain")) if p not in sys.path]
-
-from isdnet.cli import main as isdnet_main  # noqa: E402
-from ISDNetWeb.security import (  # noqa: E402
+from ISDNetWeb.cli import main as web_main
+from ISDNetWeb.security import (
     TOKEN_COOKIE,
     Upload,
     Workspace,
@@ -40,6 +37,9 @@ from ISDNetWeb.security import (  # noqa: E402
     check_serving,
     safe_file_name,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -88,7 +88,7 @@ def test_serving_beyond_loopback_needs_a_token(capsys):
         check_serving("0.0.0.0", None)
     with pytest.raises(WorkspaceError, match="16 characters"):
         check_serving("127.0.0.1", "short")
-    assert isdnet_main(["web", "--host", "0.0.0.0", "--token", ""]) == 2
+    assert web_main(["--host", "0.0.0.0", "--token", ""]) == 2
     assert "needs an access token" in capsys.readouterr().err
 
 
@@ -142,16 +142,16 @@ def _missing_for_browser() -> str:
 
 
 class Server:
-    """``isdnet web`` in its own process group; its output is read by a thread so waits stay bounded."""
+    """``isdnet-web`` in its own process group; its output is read by a thread so waits stay bounded."""
 
     def __init__(self, workspace: Path, train_options: str):
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "isdnet", "web", "--port", "0", "--workspace", str(workspace), "--device", "cpu",
+            [sys.executable, "-m", "ISDNetWeb", "--port", "0", "--workspace", str(workspace), "--device", "cpu",
              "--token", TOKEN, "--train-options", train_options],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env=dict(os.environ))
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

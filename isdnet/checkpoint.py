@@ -16,21 +16,12 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from .config import previous_checkpoint_path
 from .errors import InputError
 from .files import write_atomically
 
 METADATA_KEY = "isdnet-checkpoint"
 CHECKSUM_KEY = "sha256"
-
-
-def checkpoint_path(model_path: Path) -> Path:
-    """The resumable checkpoint written beside the model: ``name.checkpoint.safetensors``."""
-    return model_path.with_name(model_path.name.removesuffix(".safetensors") + ".checkpoint.safetensors")
-
-
-def previous_path(path: Path) -> Path:
-    """Where the checkpoint before ``path`` is kept."""
-    return path.with_name(path.name.removesuffix(".safetensors") + ".prev.safetensors")
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -50,7 +41,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
             raise ValueError(f"refusing to checkpoint non-finite values in {name}")
     data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(meta),
                                                      CHECKSUM_KEY: tensor_checksum(tensors)})
-    write_atomically(path, data, previous=previous_path(path))
+    write_atomically(path, data, previous=previous_checkpoint_path(path))
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -76,7 +67,7 @@ def load_latest(path: Path, report: Optional[Callable[[str], None]] = None,
     try:
         return (*read_checkpoint(path), path)
     except InputError as newest_error:
-        previous = previous_path(path)
+        previous = previous_checkpoint_path(path)
         if not previous.exists():
             if not path.exists():
                 raise InputError(path, "there is no checkpoint to resume from (train without --resume first)") \

@@ -1,4 +1,4 @@
-"""The ``isdnet`` command: train, segment, evaluate, demo, bench, web.
+"""The ``isdnet`` command: train, segment, evaluate and demo (benchmarks: ``isdnet-bench``; web app: ``isdnet-web``).
 
 Errors the user can fix (bad files, bad options) are printed as one plain line and exit with status 2; with
 ``--progress-json`` they are also emitted as an ``error`` event.
@@ -11,14 +11,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from . import __version__
+from .config import DEVICES, PRECISIONS, add_train_arguments, config_from_arguments
 from .errors import ISDNetError
-from .losses import DICE_FORMS, default_class_weights
 from .progress import Progress
-from .runtime import DEVICES, PRECISIONS
-from .train import METHODS, TrainConfig
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,37 +28,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unlabeled", nargs="+", type=Path, default=[],
                    help="unlabeled images: files or folders of images")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
-    p.add_argument("--method", choices=METHODS, default="isdnet")
     p.add_argument("--labeled-fraction", type=float, default=1.0,
                    help="keep labels for this fraction of the training cases, drawn with --seed "
                    "(0.5 = the paper's 1/2)")
-    d = TrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the labeled slices")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--discriminator-learning-rate", type=float, default=None,
-                   help="Adam's rate for D and D0 (default: --learning-rate, as in the paper)")
-    p.add_argument("--discriminator-channels", type=int, default=d.discriminator_channels,
-                   help="width of D's first layer (Hung et al.: 64)")
-    p.add_argument("--discriminator-stride", type=int, choices=(1, 2, 4, 8, 16, 32), default=d.discriminator_stride,
-                   help="downsampling of D's confidence map (Hung et al.: 32); lower it for small slices")
-    p.add_argument("--lambda-adv", type=float, default=d.lambda_adv)
-    p.add_argument("--lambda-semi", type=float, default=d.lambda_semi)
-    p.add_argument("--t-semi", type=float, default=d.t_semi)
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-    p.add_argument("--class-weights", type=float, nargs="+", default=None)
-    p.add_argument("--dice-form", choices=DICE_FORMS, default=d.dice_form,
-                   help="how the weighted Dice (2) combines classes (see isdnet/losses.py)")
-    p.add_argument("--base-channels", type=int, default=d.base_channels)
-    p.add_argument("--slice-axis", choices=("auto", "x", "y", "z"), default=d.slice_axis)
-    p.add_argument("--slice-spacing", type=float, nargs=2, default=None, metavar=("ROW_MM", "COL_MM"))
-    p.add_argument("--slice-size", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"))
-    p.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", choices=DEVICES, default=d.device)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--progress-json", action="store_true", help="one JSON object per line on stdout")
 
@@ -91,39 +62,12 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-# Commands whose options and work live in their own module: name -> (module, help). Each module defines
-# ``add_arguments(parser)`` and ``run(args) -> None``; it is imported only when its command runs or is listed.
-PLUGGED_COMMANDS = {
-    "bench accuracy": ("isdnet.bench_accuracy", "the paper's ablation (Table 3) on a dataset, as a table"),
-    "bench speed": ("isdnet.bench_speed", "inference and training speed against plain PyTorch, as a table"),
-    "web": ("isdnet.web", "serve the train-and-segment workflow in a browser (trame-slicer)"),
-}
-
-
-def _plugged_parsers(sub: argparse._SubParsersAction) -> None:
-    import importlib
-
-    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    for name, (module_name, help_text) in PLUGGED_COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # a command whose module is not part of this installation
-        target = bench_sub if name.startswith("bench ") else sub
-        parser = target.add_parser(name.split()[-1], help=help_text)
-        module.add_arguments(parser)
-        parser.set_defaults(plugged=module.run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isdnet", description="ISDNet: semi-supervised adversarial segmentation of medical volumes")
     parser.add_argument("--version", action="version", version=f"isdnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _segment_parser, _evaluate_parser, _demo_parser, _plugged_parsers):
+    for add in (_train_parser, _segment_parser, _evaluate_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -150,18 +94,9 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
     unlabeled += unlabeled_cases(args.unlabeled)
     if labels is None:
         labels = _labels_from_files(cases, names)
-    config = TrainConfig(
-        method=args.method, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, discriminator_learning_rate=args.discriminator_learning_rate,
-        discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
-        lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi,
-        t_semi=args.t_semi, warmup_epochs=args.warmup_epochs, class_weights=args.class_weights,
-        dice_form=args.dice_form,
-        base_channels=args.base_channels, slice_axis=args.slice_axis, slice_spacing=args.slice_spacing,
-        slice_size=args.slice_size, validation_fraction=args.validation_fraction, augment=not args.no_augment,
-        seed=args.seed, device=args.device, precision=args.precision)
+    config = config_from_arguments(args)
     if config.class_weights is None:
-        config.class_weights = list(default_class_weights(len(labels)))
+        config.class_weights = [1.0] * len(labels)  # plain Dice, written into the model's provenance
     train(cases, unlabeled, labels, args.out, config, colors=colors, progress=progress, resume=args.resume)
 
 
@@ -213,31 +148,39 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def exit_status(program: str, work: Callable[[], None], progress: Optional[Progress] = None) -> int:
+    """Run ``work`` and return the exit status: an error the user can fix becomes one line on stderr (and an
+    ``error`` event for a JSON-lines reader) and status 2, an interrupt status 130. Every ISDNet command uses it."""
+    try:
+        work()
+    except (ISDNetError, ValueError) as error:
+        if progress is not None and progress.json_lines:
+            progress.emit("error", message=str(error))
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     progress = Progress(json_lines=getattr(args, "progress_json", False))
-    try:
+
+    def work() -> None:
         if args.command == "train":
             run_train(args, progress)
         elif args.command == "segment":
             run_segment(args, progress)
         elif args.command == "evaluate":
             run_evaluate(args)
-        elif args.command == "demo":
+        else:
             from .demo import run_demo
 
             run_demo(args.out, epochs=args.epochs, seed=args.seed)
-        else:
-            args.plugged(args)
-    except (ISDNetError, ValueError) as error:
-        if progress.json_lines:
-            progress.emit("error", message=str(error))
-        print(f"isdnet {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"isdnet {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return exit_status(f"isdnet {args.command}", work, progress)
 
 
 if __name__ == "__main__":

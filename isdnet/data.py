@@ -23,11 +23,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .config import DATASET_FILE, SLICE_AXES
 from .errors import InputError, PathLike
 from .nifti import check_nifti, is_nifti
 
 NORMALISATION = {"method": "percentile-zscore", "lower_percentile": 0.5, "upper_percentile": 99.5}
-SLICE_AXES = ("auto", "x", "y", "z")
 IMAGE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NNUNET_CHANNEL_SUFFIX = "_0000"
 SIZE_MULTIPLE = 16
@@ -104,7 +104,7 @@ def load_dataset(folder: PathLike) -> DatasetSpec:
     root = Path(os.path.normpath(Path(folder).absolute()))
     if not root.is_dir():
         raise InputError(folder, "the dataset folder does not exist or is not a folder")
-    json_path = root / "dataset.json"
+    json_path = root / DATASET_FILE
     if not json_path.is_file():
         raise InputError(json_path, "is missing: a dataset folder needs a dataset.json "
                                     "(Decathlon / nnU-Net layout)")

@@ -15,14 +15,16 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .config import TrainConfig
 from .data import load_dataset, split_labeled
 from .infer import segment
+from .losses import PAPER_LIVER_WEIGHTS
 from .metrics import evaluate_cases
 from .modelfile import load_model
 from .outputs import write_segmentation
 from .phantoms import write_phantom_dataset
 from .progress import Progress
-from .train import TrainConfig, train
+from .train import train
 
 DEMO_TRAIN_CASES = 12
 DEMO_TEST_CASES = 4
@@ -33,7 +35,7 @@ def demo_config(epochs: Optional[int], seed: int) -> TrainConfig:
     """ISDNet with the paper's losses and weights, sized for 2 CPU cores: 14 epochs, a 4-epoch warm-up and a
     learning rate of 1e-3 instead of the paper's 1e-4, so that the demo converges within its 5-minute budget."""
     return TrainConfig(method="isdnet", epochs=epochs or DEMO_EPOCHS, warmup_epochs=4, batch_size=8,
-                       learning_rate=1e-3, seed=seed)
+                       learning_rate=1e-3, class_weights=list(PAPER_LIVER_WEIGHTS), seed=seed)
 
 
 def run_demo(out: Path, epochs: Optional[int] = None, seed: int = 0) -> dict:

@@ -29,17 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAPER_CLASS_WEIGHTS_3 = (0.2, 1.2, 2.2)
+from .config import DICE_FORMS
 
-
-def default_class_weights(num_classes: int) -> tuple[float, ...]:
-    """The paper's weights: plain Dice for 2 classes, 0.2/1.2/2.2 for 3 (background/organ/lesion), else 1 each."""
-    if num_classes == 3:
-        return PAPER_CLASS_WEIGHTS_3
-    return (1.0,) * num_classes
-
-
-DICE_FORMS = ("pooled", "per-class")
+# The paper's weights for background, liver and lesion (LiTS); its left-atrium model uses plain Dice, as training
+# does unless class weights are given.
+PAPER_LIVER_WEIGHTS = (0.2, 1.2, 2.2)
 
 
 class WeightedDiceLoss(nn.Module):

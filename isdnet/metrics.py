@@ -22,11 +22,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .config import CONFIDENCE_SUFFIX, VOLUME_ENDING
 from .errors import InputError
-from .outputs import CONFIDENCE_SUFFIX
 
 PathLike = Union[str, Path]
-LABEL_MAP_ENDING = ".nii.gz"
 
 
 def _dice_counts(prediction: np.ndarray, truth: np.ndarray,
@@ -192,7 +191,7 @@ def evaluate_cases(pairs: Iterable[tuple[str, sitk.Image, sitk.Image]],
 
 
 def _case_name(path: Path) -> str:
-    return path.name[: -len(LABEL_MAP_ENDING)]
+    return path.name[: -len(VOLUME_ENDING)]
 
 
 def _read_label_map(path: Path) -> sitk.Image:
@@ -234,15 +233,15 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
     for folder in (pred_dir, truth):
         if not folder.is_dir():
             raise InputError(folder, "is not a folder")
-    predictions = sorted(p for p in pred_dir.glob("*" + LABEL_MAP_ENDING)
+    predictions = sorted(p for p in pred_dir.glob("*" + VOLUME_ENDING)
                          if not _case_name(p).endswith(CONFIDENCE_SUFFIX))
     if not predictions:
-        raise InputError(pred_dir, f"contains no {LABEL_MAP_ENDING} label maps")
+        raise InputError(pred_dir, f"contains no {VOLUME_ENDING} label maps")
     if (truth / "dataset.json").is_file():
         truth_files, dataset_labels = _decathlon_truth(truth)
         labels = dataset_labels if labels is None else labels
     else:
-        truth_files = {_case_name(p): p for p in truth.glob("*" + LABEL_MAP_ENDING)}
+        truth_files = {_case_name(p): p for p in truth.glob("*" + VOLUME_ENDING)}
     missing = [_case_name(p) for p in predictions if _case_name(p) not in truth_files]
     if missing:
         raise InputError(truth, f"has no ground truth for the predicted case(s) {', '.join(missing)}")

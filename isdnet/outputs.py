@@ -7,11 +7,10 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from .config import CONFIDENCE_SUFFIX, SEGMENTATION_ENDING, VOLUME_ENDING
 from .errors import InputError
 from .files import write_image_atomically
 from .infer import SegmentationResult
-
-CONFIDENCE_SUFFIX = "_confidence"
 
 
 def seg_nrrd_metadata(labels: sitk.Image, classes: list[dict[str, Any]]) -> dict[str, str]:
@@ -48,17 +47,17 @@ def write_segmentation(result: SegmentationResult, header: dict[str, Any], folde
     folder = Path(folder)
     written = []
     try:
-        label_path = folder / f"{name}.nii.gz"
+        label_path = folder / f"{name}{VOLUME_ENDING}"
         write_image_atomically(result.labels, label_path)
         written.append(label_path)
         seg = sitk.Image(result.labels)
         for key, value in seg_nrrd_metadata(seg, header["classes"]).items():
             seg.SetMetaData(key, value)
-        seg_path = folder / f"{name}.seg.nrrd"
+        seg_path = folder / f"{name}{SEGMENTATION_ENDING}"
         write_image_atomically(seg, seg_path)
         written.append(seg_path)
         if result.confidence is not None:
-            confidence_path = folder / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
+            confidence_path = folder / f"{name}{CONFIDENCE_SUFFIX}{VOLUME_ENDING}"
             write_image_atomically(result.confidence, confidence_path)
             written.append(confidence_path)
     except (RuntimeError, OSError) as error:

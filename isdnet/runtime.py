@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "bf16", "fp32")
+from .config import DEVICES, PRECISIONS
 
 
 def resolve_device(name: str = "auto") -> torch.device:

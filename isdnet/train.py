@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import checkpoint_path, load_latest, save_checkpoint
+from .checkpoint import load_latest, save_checkpoint
+from .config import TrainConfig, checkpoint_path
 from .data import (
     NORMALISATION,
     Case,
@@ -53,13 +54,11 @@ from .errors import InputError, TrainingError
 from .files import OutputLock
 from .infer import predict_slices
 from .losses import (
-    DICE_FORMS,
     AdversarialLoss,
     ConfidenceNetLoss,
     ImportanceNetLoss,
     SemiSupervisedLoss,
     WeightedDiceLoss,
-    default_class_weights,
     importance_weights,
 )
 from .metrics import dice_per_class
@@ -68,92 +67,8 @@ from .networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
-METHODS = ("baseline", "adv", "adv-classifier", "hung", "isdnet")
-LR_SCHEDULES = ("constant", "poly")
-MODEL_SELECTIONS = ("best", "final")
 POLY_POWER = 0.9  # Hung et al.'s poly decay
 RESUMABLE_CHANGES = ("epochs", "device", "precision")  # options a resumed run may change
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run; the defaults are the paper's."""
-
-    method: str = "isdnet"
-    epochs: int = 40
-    steps_per_epoch: Optional[int] = None  # default: one pass over the labeled slices
-    total_steps: Optional[int] = None  # a budget of S steps instead of epochs: the nearest whole number of epochs
-    batch_size: int = 8
-    learning_rate: float = 1e-4
-    discriminator_learning_rate: Optional[float] = None  # D's and D0's; default: learning_rate, as the paper
-    discriminator_betas: tuple[float, float] = (0.9, 0.999)  # Adam's betas for D and D0 (Hung et al.: 0.9, 0.99)
-    lr_schedule: str = "constant"  # LR_SCHEDULES: "poly" decays every rate by (1 - step/steps)**0.9 (Hung et al.)
-    cross_entropy: float = 0.0  # weight of a cross-entropy term added to L_Dice on labeled data (not in the paper)
-    model_selection: str = "best"  # MODEL_SELECTIONS: the best epoch on validation, or the final one
-    lambda_adv: float = 0.001
-    lambda_semi: float = 1.0
-    t_semi: float = 0.1
-    warmup_epochs: int = 5
-    semi_rampup_epochs: int = 0  # lambda_semi grows linearly over this many epochs after the warm-up (not in the paper)
-    confidence_on_unlabeled: bool = False  # D also learns S's unlabeled predictions as fakes (Hung et al.'s code)
-    class_weights: Optional[list[float]] = None  # default: losses.default_class_weights
-    dice_form: str = "per-class"  # losses.DICE_FORMS: how (2) combines the classes (see losses.py)
-    base_channels: int = 32
-    discriminator_channels: int = 64
-    discriminator_stride: int = 32  # D's map resolution; networks.ConfidenceNet says when to lower it
-    importance_channels: int = 128
-    slice_axis: str = "auto"
-    slice_spacing: Optional[list[float]] = None
-    slice_size: Optional[list[int]] = None
-    validation_fraction: float = 0.2
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad option."""
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        positive = dict(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                        base_channels=self.base_channels)
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
-            raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate}")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
-        if self.lambda_adv < 0 or self.lambda_semi < 0:
-            raise ValueError("lambda_adv and lambda_semi must be non-negative")
-        if not 0 <= self.t_semi <= 1:
-            raise ValueError(f"t_semi must lie in [0, 1], got {self.t_semi}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.model_selection not in MODEL_SELECTIONS:
-            raise ValueError(f"model_selection must be one of {MODEL_SELECTIONS}, got {self.model_selection!r}")
-        if self.cross_entropy < 0:
-            raise ValueError(f"cross_entropy must be non-negative, got {self.cross_entropy}")
-        if self.dice_form not in DICE_FORMS:
-            raise ValueError(f"dice_form must be one of {DICE_FORMS}, got {self.dice_form!r}")
-        if self.warmup_epochs < 0 or self.semi_rampup_epochs < 0:
-            raise ValueError("warmup_epochs and semi_rampup_epochs must be non-negative")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
-
-    @property
-    def uses_discriminator(self) -> bool:
-        return self.method != "baseline"
-
-    @property
-    def uses_unlabeled(self) -> bool:
-        return self.method in ("hung", "isdnet")
-
-    @property
-    def uses_importance(self) -> bool:
-        return self.method == "isdnet"
 
 
 @dataclass
@@ -180,7 +95,7 @@ class Trainer:
         self.num_classes = num_classes
         self.device = device
         self.dtype = dtype
-        weights = config.class_weights or default_class_weights(num_classes)
+        weights = config.class_weights or [1.0] * num_classes  # plain Dice unless weights are given
         if len(weights) != num_classes:
             raise ValueError(f"{len(weights)} class weights given for {num_classes} classes")
         torch.manual_seed(config.seed)

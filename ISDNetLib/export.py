@@ -21,9 +21,10 @@ import slicer
 import slicer.util
 import vtk
 
-from ISDNetLib.volumes import NodeError, require_image_data, temporary_nodes, write_volume
+from isdnet.config import DATASET_FILE, VOLUME_ENDING
 
-FILE_ENDING = ".nii.gz"
+from .volumes import NodeError, require_image_data, temporary_nodes, write_volume
+
 MAX_CLASSES = 255  # label maps are uint8
 
 
@@ -164,11 +165,11 @@ def export_dataset(scene: Any, labeled: Sequence[tuple[Any, Any]], unlabeled: Se
         (folder / sub).mkdir()
     training = []
     for (volume, _), labels, case in zip(labeled, label_maps, labeled_names):
-        write_volume(volume, folder / "imagesTr" / f"{case}{FILE_ENDING}")
-        write_label_map(scene, labels, volume, folder / "labelsTr" / f"{case}{FILE_ENDING}")
-        training.append({"image": f"./imagesTr/{case}{FILE_ENDING}", "label": f"./labelsTr/{case}{FILE_ENDING}"})
+        write_volume(volume, folder / "imagesTr" / f"{case}{VOLUME_ENDING}")
+        write_label_map(scene, labels, volume, folder / "labelsTr" / f"{case}{VOLUME_ENDING}")
+        training.append({"image": f"./imagesTr/{case}{VOLUME_ENDING}", "label": f"./labelsTr/{case}{VOLUME_ENDING}"})
     for volume, case in zip(unlabeled, unlabeled_names):
-        write_volume(volume, folder / "imagesUnl" / f"{case}{FILE_ENDING}")
+        write_volume(volume, folder / "imagesUnl" / f"{case}{VOLUME_ENDING}")
     description = {
         "name": name,
         "description": "Exported from 3D Slicer by ISDNetTrain",
@@ -177,9 +178,9 @@ def export_dataset(scene: Any, labeled: Sequence[tuple[Any, Any]], unlabeled: Se
         "labels": {"0": "background", **{str(c.value): c.name for c in classes}},
         "colors": {str(c.value): list(c.color) for c in classes},
         "numTraining": len(training),
-        "file_ending": FILE_ENDING,
+        "file_ending": VOLUME_ENDING,
         "training": training,
-        "unlabeled": [f"./imagesUnl/{case}{FILE_ENDING}" for case in unlabeled_names],
+        "unlabeled": [f"./imagesUnl/{case}{VOLUME_ENDING}" for case in unlabeled_names],
     }
-    (folder / "dataset.json").write_text(json.dumps(description, indent=2))
+    (folder / DATASET_FILE).write_text(json.dumps(description, indent=2))
     return ExportedDataset(folder, classes, labeled_names, unlabeled_names)

@@ -1,4 +1,4 @@
-"""``isdnet bench speed``: inference and training speed against plain PyTorch, memory, and fast-path agreement.
+"""Inference and training speed against plain PyTorch, memory, and fast-path agreement (``isdnet-bench speed``).
 
 Everything is measured in one run on one machine, so the ratios are comparable even on a busy machine:
 
@@ -32,14 +32,23 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .data import NORMALISATION, CachedVolume, SliceDataset, SliceGeometry, load_dataset, prepare_volume, read_image
-from .distributed import ProcessGroup
-from .infer import segment
-from .metrics import dice_per_class
-from .modelfile import load_model, make_header, save_model
-from .networks import SUNet, build_network
-from .runtime import resolve_device, resolve_precision, to_device
-from .train import TrainConfig, Trainer, epoch_batches, train
+from isdnet.config import TrainConfig
+from isdnet.data import (
+    NORMALISATION,
+    CachedVolume,
+    SliceDataset,
+    SliceGeometry,
+    load_dataset,
+    prepare_volume,
+    read_image,
+)
+from isdnet.distributed import ProcessGroup
+from isdnet.infer import segment
+from isdnet.metrics import dice_per_class
+from isdnet.modelfile import load_model, make_header, save_model
+from isdnet.networks import SUNet, build_network
+from isdnet.runtime import resolve_device, resolve_precision, to_device
+from isdnet.train import Trainer, epoch_batches, train
 
 GIB = 1024**3
 SECTIONS = ("inference", "memory", "training", "agreement")
@@ -69,7 +78,7 @@ QUICK = Sizes(width=8, lasc=(4, 64, 64), ct=(3, 96, 96), large=(6, 96, 96), larg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``isdnet bench speed``."""
+    """Options of ``isdnet-bench speed``."""
     parser.add_argument("--out", type=Path, default=Path("bench-speed.json"), help="JSON results file")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, in-process: checks the benchmark runs")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
@@ -94,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = resolve_precision(args.precision, device)
     started = time.monotonic()
     results: dict[str, Any] = {
-        "command": "isdnet bench speed" + (" --quick" if args.quick else ""),
+        "command": "isdnet-bench speed" + (" --quick" if args.quick else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(device),
         "device": str(device), "dtype": _dtype_name(dtype), "threads": torch.get_num_threads(),
@@ -365,8 +374,8 @@ def training_rows(sizes: Sizes, device: torch.device, precision: str, repeats: i
                          isdnet_over_baseline=round(t_isdnet / t_baseline, 2)))
     data_seconds = _batch_time(b, size, device, repeats)
     for row in rows:
-        row["data_ms"] = round(1000 * data_seconds, 2)
-        row["data_share_of_isdnet_step"] = round(data_seconds * row["isdnet_slices_per_s"] / b, 3)
+        row["data_ms"] = 1000 * data_seconds
+        row["data_share_of_isdnet_step"] = data_seconds * row["isdnet_slices_per_s"] / b  # rounded in the table only
     return rows
 
 
@@ -410,7 +419,7 @@ def _segmentation_dice(fast: sitk.Image, reference: sitk.Image, labels: list[int
 
 def agreement_rows(sizes: Sizes, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Dice between the fast path and float32 on a phantom and on real hippocampus MRI (when present)."""
-    from .phantoms import write_phantom_dataset
+    from isdnet.phantoms import write_phantom_dataset
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="isdnet-agree-") as tmp:

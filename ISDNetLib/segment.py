@@ -19,8 +19,10 @@ import numpy as np
 import slicer
 import slicer.util
 
-from ISDNetLib.runner import ProcessRunner, engine_environment, parse_event, python_executable
-from ISDNetLib.volumes import (
+from isdnet.config import CONFIDENCE_SUFFIX, VOLUME_ENDING, Event, parse_event
+
+from .runner import ProcessRunner, engine_environment, python_executable
+from .volumes import (
     NodeError,
     array_on_volume_grid,
     image_from_volume,
@@ -158,9 +160,9 @@ class SegmentLogic:
             event = parse_event(line)
             if event is None:
                 continue
-            if event["event"] == "slices" and event.get("total"):
+            if event["event"] == Event.SLICES and event.get("total"):
                 self.status.fraction = min(0.99, float(event["done"]) / float(event["total"]))
-            elif event["event"] == "error":
+            elif event["event"] == Event.ERROR:
                 self._error_message = str(event.get("message", ""))
         if self.status.state == "running" and not self.runner.is_running and self.runner.returncode is not None:
             self._finish(self.runner.returncode)
@@ -182,8 +184,8 @@ class SegmentLogic:
             else:
                 import SimpleITK as sitk
 
-                labels = sitk.ReadImage(str(job.folder / "out" / "input.nii.gz"))
-                confidence = (sitk.ReadImage(str(job.folder / "out" / "input_confidence.nii.gz"))
+                labels = sitk.ReadImage(str(job.folder / "out" / f"input{VOLUME_ENDING}"))
+                confidence = (sitk.ReadImage(str(job.folder / "out" / f"input{CONFIDENCE_SUFFIX}{VOLUME_ENDING}"))
                               if job.confidence else None)
                 node = self.import_result(job.volume_node, labels, job.header, confidence, job.segmentation_node,
                                           job.replace)

@@ -7,7 +7,6 @@ in the widget, a loop in the tests) calls ``poll()``, which reads the new JSON p
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,16 +14,22 @@ from typing import Any, Optional
 
 import vtk
 
-from ISDNetLib.runner import ProcessRunner, engine_environment, parse_event, python_executable
+from isdnet.config import (
+    DATASET_FILE,
+    LOSS_TITLES,
+    VAL_DICE,
+    Event,
+    TrainConfig,
+    checkpoint_path,
+    has_checkpoint,
+    log_path,
+    parse_event,
+    train_arguments,
+)
 
-from .dataset import ExportedDataset, export_dataset
+from .export import ExportedDataset, export_dataset
+from .runner import ProcessRunner, engine_environment, python_executable
 
-METHODS = ("isdnet", "hung", "adv", "adv-classifier", "baseline")
-SLICE_AXES = ("auto", "x", "y", "z")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-LOSS_TITLES = {"dice": "Dice loss", "adv": "adversarial loss", "semi": "semi-supervised loss",
-               "d": "confidence net loss", "d0": "importance net loss"}
-VAL_DICE = "val_dice"
 SERIES_COLORS = ((0.85, 0.2, 0.2), (0.2, 0.45, 0.85), (0.2, 0.7, 0.3), (0.85, 0.55, 0.1), (0.55, 0.3, 0.75),
                  (0.4, 0.4, 0.4))
 LOG_TAIL_LINES = 15
@@ -32,35 +37,27 @@ LOG_TAIL_LINES = 15
 
 @dataclass
 class TrainingOptions:
-    """The training options the module shows; the defaults are the engine's (the paper's) defaults."""
+    """What a front end asks of a training: engine options by TrainConfig field name (the rest keep the engine's
+    defaults), plus any other ``isdnet train`` options as they would be typed."""
 
-    method: str = "isdnet"
-    epochs: int = 40
-    lambda_adv: float = 0.001
-    lambda_semi: float = 1.0
-    t_semi: float = 0.1
-    slice_axis: str = "auto"
-    device: str = "auto"
-    extra_arguments: list[str] = field(default_factory=list)  # any other ``isdnet train`` option
+    values: dict[str, Any] = field(default_factory=dict)
+    extra_arguments: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> TrainConfig:
+        """The engine's options these settings give (raises ValueError for an unknown option)."""
+        return TrainConfig(**self.values)
 
     def validate(self) -> None:
         """Raise ValueError naming the first option out of range."""
-        for name, value, allowed in (("method", self.method, METHODS), ("slice axis", self.slice_axis, SLICE_AXES),
-                                     ("device", self.device, DEVICES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1; got {self.epochs}")
-        if self.lambda_adv < 0 or self.lambda_semi < 0:
-            raise ValueError("the loss weights (lambda) must not be negative")
-        if not 0.0 <= self.t_semi <= 1.0:
-            raise ValueError(f"T_semi must lie between 0 and 1; got {self.t_semi}")
+        try:
+            self.config.validate()
+        except TypeError as error:
+            raise ValueError(f"unknown training option: {error}") from None
 
     def arguments(self) -> list[str]:
         """The ``isdnet train`` options for these settings."""
-        return ["--method", self.method, "--epochs", str(self.epochs), "--lambda-adv", repr(self.lambda_adv),
-                "--lambda-semi", repr(self.lambda_semi), "--t-semi", repr(self.t_semi),
-                "--slice-axis", self.slice_axis, "--device", self.device, *self.extra_arguments]
+        return [*train_arguments(**self.values), *self.extra_arguments]
 
 
 @dataclass
@@ -104,19 +101,6 @@ class TrainingStatus:
         return text
 
 
-def checkpoint_path(model_path: Path) -> Path:
-    """The engine's resumable checkpoint beside a model file (``name.checkpoint.safetensors``)."""
-    model_path = Path(model_path)
-    stem = model_path.name[:-len(".safetensors")] if model_path.name.endswith(".safetensors") else model_path.name
-    return model_path.with_name(stem + ".checkpoint.safetensors")
-
-
-def has_checkpoint(model_path: Path) -> bool:
-    """True when the engine left a checkpoint to resume from: the newest, or the previous one it keeps."""
-    newest = checkpoint_path(model_path)
-    return newest.is_file() or newest.with_name(newest.name.replace(".safetensors", ".prev.safetensors")).is_file()
-
-
 class TrainLogic:
     """Runs one training at a time for a scene; the plot nodes it makes are reused across runs."""
 
@@ -146,28 +130,25 @@ class TrainLogic:
                 "--progress-json", *options.arguments()]
         return args + ["--resume"] if resume else args
 
-    def log_path(self, model_path: Path) -> Path:
-        """The training log, written beside the model."""
-        return Path(model_path).with_suffix(".log")
-
     def start(self, dataset_folder: Path, model_path: Path, options: TrainingOptions, resume: bool = False) -> None:
         """Start training on an exported dataset folder; with ``resume``, continue from the last checkpoint."""
         options.validate()
-        if not (Path(dataset_folder) / "dataset.json").is_file():
-            raise ValueError(f"{dataset_folder}: no dataset.json here; export the dataset first")
+        if not (Path(dataset_folder) / DATASET_FILE).is_file():
+            raise ValueError(f"{dataset_folder}: no {DATASET_FILE} here; export the dataset first")
         if resume and not has_checkpoint(model_path):
             raise ValueError(f"{checkpoint_path(model_path)}: there is no checkpoint to resume from")
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.history.clear()
-        self._job = (Path(dataset_folder), Path(model_path), dataclasses.replace(options))
+        kept = TrainingOptions(dict(options.values), list(options.extra_arguments))  # later edits leave the job alone
+        self._job = (Path(dataset_folder), Path(model_path), kept)
         self._error_message = ""
         self._stopped = False
-        self.status = TrainingStatus(state="running", epochs=options.epochs, model_path=str(model_path),
+        self.status = TrainingStatus(state="running", epochs=options.config.epochs, model_path=str(model_path),
                                      message="Resuming training..." if resume else "Starting training...")
         self._update_table()  # the chart exists (empty, or with the epochs kept for a resume) from the start
         self.runner.start(self.command(dataset_folder, model_path, options, resume), env=engine_environment(),
-                          log_path=str(self.log_path(model_path)))
+                          log_path=str(log_path(model_path)))
 
     def can_resume(self) -> bool:
         """True when a stopped or failed training of this logic left a checkpoint to continue from."""
@@ -200,7 +181,7 @@ class TrainLogic:
         pid = self.runner.detach()
         self.status.state = "detached"
         self.status.message = (f"Training goes on in process {pid} after the application closes; it writes "
-                               f"{model} when done and logs to {self.log_path(model)}.")
+                               f"{model} when done and logs to {log_path(model)}.")
         return self.status.message
 
     @property
@@ -219,7 +200,7 @@ class TrainLogic:
 
     def _handle(self, event: dict[str, Any]) -> None:
         kind, s = event["event"], self.status
-        if kind == "start":
+        if kind == Event.START:
             s.epochs = int(event.get("epochs", s.epochs))
             s.iterations = int(event.get("iterations_per_epoch", 0))
             s.epoch = int(event.get("start_epoch", 1))
@@ -227,11 +208,11 @@ class TrainLogic:
                 del self.history[epoch]
             self._update_table()
             s.message = f"Training on {event.get('device', 'the chosen device')}..."
-        elif kind == "iteration":
+        elif kind == Event.ITERATION:
             s.epoch, s.iteration = int(event["epoch"]), int(event["iteration"])
             s.iterations = int(event.get("iterations", s.iterations))
             s.eta_s = event.get("eta_s", s.eta_s)
-        elif kind == "epoch":
+        elif kind == Event.EPOCH:
             s.epoch, s.iteration = int(event["epoch"]), s.iterations
             s.eta_s, s.elapsed_s = event.get("eta_s", s.eta_s), event.get("elapsed_s", s.elapsed_s)
             s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
@@ -240,12 +221,12 @@ class TrainLogic:
                 row[VAL_DICE] = float(event["val_dice"])
             self.history[s.epoch] = row
             self._update_table()
-        elif kind == "done":
+        elif kind == Event.DONE:
             s.model_path = str(event.get("model", s.model_path))
             s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
-        elif kind == "error":
+        elif kind == Event.ERROR:
             self._error_message = str(event.get("message", ""))
-        elif kind in ("message", "nonfinite", "rollback"):
+        elif kind in Event.NOTICES:
             s.message = str(event.get("message", ""))  # the engine's own plain-words notice
 
     def _finish(self, returncode: int) -> None:

@@ -1,7 +1,5 @@
-"""Phantoms and node builders shared by the modules' Slicer self-tests and the pytest suite.
-
-Everything takes the scene as an argument (no ``slicer.mrmlScene``), so it runs in Slicer and on slicer-core.
-"""
+"""Node builders for the tests of the Slicer-side logic: volumes and segmentations on a given scene (no
+``slicer.mrmlScene``), so they run on slicer-core, and the engine's phantoms as arrays for them."""
 
 from __future__ import annotations
 
@@ -10,15 +8,18 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import slicer.util
 import vtk
 
+from isdnet.phantoms import make_phantom
+
 ORGAN_NAMES = ("liver", "tumor")
 ORGAN_COLORS = ((0.9, 0.6, 0.4), (0.2, 0.8, 0.3))
-# Engine options that make a network small enough to train in seconds on two CPU cores.
-TINY_TRAINING = ["--base-channels", "8", "--batch-size", "4", "--slice-size", "32", "32", "--seed", "0",
-                 "--precision", "fp32"]  # bf16 is slower than fp32 for networks this small
+# Engine options that make a network small enough to train in seconds on two CPU cores (bf16 is slower than fp32
+# for networks this small).
+TINY_TRAINING = dict(base_channels=8, batch_size=4, slice_size=[32, 32], seed=0, precision="fp32")
 
 
 def rotation(angle_deg: float, axis: int) -> np.ndarray:
@@ -71,16 +72,9 @@ def _set_segment_voxels(scene: Any, node: Any, segment_id: str, mask: np.ndarray
     scene.RemoveNode(labelmap)
 
 
-def phantom(shape: Sequence[int] = (12, 32, 32), seed: int = 0, dtype: Any = np.int16,
-            center_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """An image (k, j, i) of a bright 'organ' holding a brighter 'lesion', and its label map (1 organ, 2 lesion)."""
-    rng = np.random.default_rng(seed)
-    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    organ = (k / 0.9) ** 2 + ((j - center_shift) / 0.6) ** 2 + (i / 0.7) ** 2 < 1
-    lesion = (k / 0.6) ** 2 + ((j - 0.15 - center_shift) / 0.25) ** 2 + ((i + 0.1) / 0.25) ** 2 < 1
-    labels = np.zeros(shape, np.uint8)
-    labels[organ] = 1
-    labels[lesion & organ] = 2
-    image = 20.0 + 80.0 * (labels == 1) + 160.0 * (labels == 2) + rng.normal(0, 8, shape)
-    return image.astype(dtype), labels
-
+def phantom(shape: Sequence[int] = (12, 32, 32), seed: int = 0, dtype: Any = np.int16) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's phantom (``isdnet.phantoms.make_phantom``) as arrays (k, j, i): an image of ``dtype`` and its
+    label map (1 organ, 2 lesion)."""
+    image, labels = make_phantom(seed, shape=tuple(shape))
+    voxels = np.clip(sitk.GetArrayFromImage(image), 0, None)
+    return voxels.astype(dtype), sitk.GetArrayFromImage(labels)

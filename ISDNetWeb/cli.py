@@ -1,7 +1,6 @@
-"""``isdnet web``: serve the train-and-segment workflow in a browser (the app lives in ISDNetWeb/).
+"""``isdnet-web``: serve the train-and-segment workflow in a browser.
 
-Only the options are defined here; trame-slicer and the app are imported when the command runs, so ``isdnet``
-stays importable without Slicer.
+The options are checked before trame-slicer and the app are imported, so a bad option fails fast.
 """
 
 from __future__ import annotations
@@ -9,12 +8,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
-from .errors import ISDNetError
+from isdnet.cli import exit_status
+from isdnet.config import DEVICES
+from isdnet.errors import ISDNetError
 
-ROOT = Path(__file__).resolve().parent.parent
+from .security import check_serving
+
 TOKEN_VARIABLE = "ISDNET_WEB_TOKEN"
 
 
@@ -30,24 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted from the browser")
     parser.add_argument("--train-options", default="",
                         help="extra 'isdnet train' options for every training, e.g. \"--base-channels 16\"")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
 
 
 def run(args: argparse.Namespace) -> None:
-    for path in (ROOT, ROOT / "ISDNetTrain", ROOT / "ISDNetSegment"):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-    from ISDNetWeb.security import check_serving
-
     if args.max_upload_mb < 1:
         raise ISDNetError("--max-upload-mb must be at least 1")
     check_serving(args.host, args.token)
     try:
-        from ISDNetWeb.app import WebOptions, serve
+        from .app import WebOptions, serve
     except ModuleNotFoundError as error:
         raise ISDNetError(f"the web app needs {error.name}: install it with "
-                          "pip install \"trame-slicer[standalone]==2.0.0\" and run from a source checkout "
-                          "(ISDNetWeb/ beside isdnet/)") from None
+                          "pip install \"trame-slicer[standalone]==2.0.0\"") from None
     serve(WebOptions(workspace=args.workspace, host=args.host, port=args.port, token=args.token,
                      max_upload_bytes=args.max_upload_mb * 2**20,
                      train_arguments=shlex.split(args.train_options), device=args.device))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="isdnet-web", description="the ISDNet train-and-segment workflow in a "
+                                     "browser (trame-slicer)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return exit_status("isdnet-web", lambda: run(args))

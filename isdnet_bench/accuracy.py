@@ -1,4 +1,4 @@
-"""``isdnet bench accuracy``: the paper's ablation (Table 3) on a Decathlon-layout dataset, as a rerunnable table.
+"""The paper's ablation (Table 3) on a Decathlon-layout dataset, as a rerunnable table (``isdnet-bench accuracy``).
 
 Every method of ``train.METHODS`` is trained at each labeled fraction with each seed (the seed draws the labeled
 cases and initialises the networks), plus the full-label ``baseline`` as the upper bound. All runs get the same
@@ -31,14 +31,15 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from .data import Case, SliceGeometry, load_dataset, prepare_volume, read_image, split_labeled
-from .errors import InputError
-from .infer import segment
-from .metrics import auroc, evaluate_cases
-from .modelfile import LoadedModel, load_model
-from .networks import ImportanceNet, SUNet
-from .progress import Progress
-from .train import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path, split_validation, train
+from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path
+from isdnet.data import Case, SliceGeometry, load_dataset, prepare_volume, read_image, split_labeled
+from isdnet.errors import InputError
+from isdnet.infer import segment
+from isdnet.metrics import auroc, evaluate_cases
+from isdnet.modelfile import LoadedModel, load_model
+from isdnet.networks import ImportanceNet, SUNet
+from isdnet.progress import Progress
+from isdnet.train import split_validation, train
 
 DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
 FULL = "full"  # the fraction key of the full-label baseline
@@ -48,7 +49,7 @@ QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, war
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``isdnet bench accuracy``; the defaults fit the hippocampus table in under 3 h on 2 cores."""
+    """Options of ``isdnet-bench accuracy``; the defaults fit the hippocampus table in under 3 h on 2 cores."""
     parser.add_argument("dataset", type=Path, help="dataset folder (Decathlon layout); a splits.json with "
                         "'train' and 'test' case lists fixes the test split")
     parser.add_argument("--out", type=Path, default=Path("bench-output/accuracy"),
@@ -584,7 +585,7 @@ def run(args: argparse.Namespace) -> None:
     report = dict(
         meta=dict(dataset=args.dataset.name, commit=commit(), machine=machine(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  command="isdnet bench accuracy " + " ".join(sys.argv[sys.argv.index("accuracy") + 1:])
+                  command="isdnet-bench accuracy " + " ".join(sys.argv[sys.argv.index("accuracy") + 1:])
                   if "accuracy" in sys.argv else " ".join(sys.argv),
                   settings=settings_line(args, len(train_cases), len(test_cases)),
                   wall_time_s=time.monotonic() - started, runs_done=done, runs_reused=reused),

@@ -1,0 +1,28 @@
+"""The ``isdnet-bench`` command: one subcommand per benchmark module, each with ``add_arguments`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Optional
+
+from isdnet.cli import exit_status
+
+from . import accuracy, speed
+
+BENCHMARKS = {"accuracy": accuracy, "speed": speed}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isdnet-bench", description="benchmarks that print a table and write JSON")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    for name, module in BENCHMARKS.items():
+        command = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_status(f"isdnet-bench {args.benchmark}", lambda: args.run(args))
