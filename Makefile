@@ -28,13 +28,13 @@ clean:
 
 # The paper's ablation (Table 3) on real MRI; DATASET=<folder> for another dataset, BENCH_ARGS=--quick for a smoke run.
 bench-accuracy: $(STAMP)
-	$(BIN)/isdnet bench accuracy $(or $(DATASET),../shared/data/hippocampus) --out bench-output/accuracy $(BENCH_ARGS)
+	$(BIN)/isdnet-bench accuracy $(or $(DATASET),../shared/data/hippocampus) --out bench-output/accuracy $(BENCH_ARGS)
 
 # The train-and-segment workflow in a browser (trame-slicer) on http://127.0.0.1:8080/; WEB_ARGS for more options.
 .PHONY: web
 web: $(STAMP)
-	$(BIN)/isdnet web --workspace $(or $(WORKSPACE),isdnet-workspace) $(WEB_ARGS)
+	$(BIN)/isdnet-web --workspace $(or $(WORKSPACE),isdnet-workspace) $(WEB_ARGS)
 
 .PHONY: bench-speed
 bench-speed: $(STAMP)
-	$(BIN)/isdnet bench speed --out bench-speed.json
+	$(BIN)/isdnet-bench speed --out bench-speed.json
