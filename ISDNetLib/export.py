@@ -182,5 +182,5 @@ def export_dataset(scene: Any, labeled: Sequence[tuple[Any, Any]], unlabeled: Se
         "training": training,
         "unlabeled": [f"./imagesUnl/{case}{VOLUME_ENDING}" for case in unlabeled_names],
     }
-    (folder / DATASET_FILE).write_text(json.dumps(description, indent=2))
+    (folder / DATASET_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
     return ExportedDataset(folder, classes, labeled_names, unlabeled_names)

@@ -243,7 +243,7 @@ class ISDNetSegmentTest(ScriptedLoadableModuleTest):
         import sitkUtils
 
         from isdnet.config import TrainConfig
-        from isdnet.data import load_dataset
+        from isdnet.dataset import load_dataset
         from isdnet.phantoms import make_phantom, write_phantom_dataset
         from isdnet.train import train
 

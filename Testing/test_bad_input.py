@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from isdnet.data import NORMALISATION, read_image
 from isdnet.errors import InputError
+from isdnet.geometry import NORMALISATION
+from isdnet.images import read_image
 from isdnet.infer import segment
 from isdnet.modelfile import make_header, save_model
 from isdnet.networks import SUNet

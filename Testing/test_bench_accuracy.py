@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from isdnet.data import Case
+from isdnet.config import TrainConfig
+from isdnet.dataset import Case
 from isdnet_bench import accuracy as bench_accuracy
+from isdnet_bench import accuracy_report as report
 from isdnet_bench.cli import main
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hippocampus"
@@ -21,13 +23,27 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["dataset", *argv])
 
 
-def test_default_plan_is_the_issues_48_runs_seed_major():
+def test_default_plan_pairs_five_seeds_of_baseline_and_isdnet_seed_major():
     runs = bench_accuracy.plan_runs(parse())
-    assert len(runs) == 5 * 3 * 3 + 3
+    assert len(runs) == 3 * (3 * 5 + 1) + 2 * (3 * 2 + 1)
     assert len({r.name for r in runs}) == len(runs)
     assert [r.seed for r in runs[:16]] == [0] * 16, "every cell of seed 0 comes before seed 1"
     assert {r.key for r in runs} == {"1/2", "1/8", "1/16", "full"}
     assert all(r.method == "baseline" for r in runs if r.key == "full")
+    by_method = {m: sorted({r.seed for r in runs if r.method == m}) for m in {r.method for r in runs}}
+    assert by_method["baseline"] == by_method["isdnet"] == [0, 1, 2, 3, 4]
+    assert by_method["hung"] == by_method["adv"] == by_method["adv-classifier"] == [0, 1, 2]
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings():
+    current = {"config": TrainConfig(seed=1).as_json(), "train": ["a", "b"], "test": ["c"]}
+    older = {**current, "config": {k: v for k, v in current["config"].items() if k != "discriminator"}}
+    assert bench_accuracy.same_settings(current, current)
+    assert bench_accuracy.same_settings(older, current), "an option added since, at its default, changes nothing"
+    assert not bench_accuracy.same_settings(older, {**current, "config": {**current["config"], "discriminator": "X"}})
+    assert not bench_accuracy.same_settings(current, {**current, "config": TrainConfig(seed=2).as_json()})
+    assert not bench_accuracy.same_settings(current, {**current, "test": ["d"]})
+    assert not bench_accuracy.same_settings(None, current)
 
 
 def test_grid_changes_one_hyperparameter_at_a_time():
@@ -41,14 +57,14 @@ def test_every_run_gets_the_same_budget_and_keeps_its_final_model():
     configs = [bench_accuracy.train_config(args, r) for r in bench_accuracy.plan_runs(args)]
     assert {c.total_steps for c in configs} == {100}
     assert {c.model_selection for c in configs} == {"final"}
-    assert {c.seed for c in configs} == {0, 1, 2}
+    assert {c.seed for c in configs} == {0, 1, 2, 3, 4}
     assert {c.cross_entropy for c in configs} == {0.5} and configs[0].class_weights == [1, 2, 3]
     with pytest.raises(ValueError, match="OPTION=VALUE"):
         bench_accuracy.train_config(parse("--set", "no_such_option=1"), bench_accuracy.plan_runs(args)[0])
 
 
 def test_fraction_labels():
-    assert [bench_accuracy.fraction_label(f) for f in (0.5, 0.125, 0.0625, 1.0)] == ["1/2", "1/8", "1/16", "full"]
+    assert [report.fraction_key(f) for f in (0.5, 0.125, 0.0625, 1.0)] == ["1/2", "1/8", "1/16", "full"]
 
 
 def test_split_without_splits_file_is_fixed_and_disjoint(tmp_path):
@@ -58,16 +74,25 @@ def test_split_without_splits_file_is_fixed_and_disjoint(tmp_path):
     assert bench_accuracy.split_cases(tmp_path, cases, 0.2) == (train, test)
 
 
-def test_targets_compare_gain_with_seed_spread():
-    def cell(mean, sd):
-        return {"dice": (mean, sd), "seeds": [0, 1, 2]}
+def test_paired_differences_and_targets():
+    def cell(by_seed):
+        return {"dice": report.mean_sd(list(by_seed.values())), "dice_by_seed": {str(k): v for k, v in by_seed.items()},
+                "seeds": list(by_seed)}
 
-    summary = {"1/8|baseline": cell(0.70, 0.01), "1/8|isdnet": cell(0.73, 0.005),
-               "1/8|hung": cell(0.74, 0.01), "1/8|adv": cell(0.70, 0.0), "1/8|adv-classifier": cell(0.69, 0.0)}
-    lines = bench_accuracy.targets(summary)
-    assert "+3.00 Dice points" in lines[0] and "**met**" in lines[0]
-    assert "isdnet - hung" in lines[1] and "**missed**" in lines[1]
-    assert "adv - adv-classifier" in lines[2] and "**met**" in lines[2]
+    summary = {"1/8|baseline": cell({0: 0.70, 1: 0.72, 2: 0.74}),
+               "1/8|isdnet": cell({0: 0.73, 1: 0.74, 2: 0.77, 3: 0.9}),
+               "1/8|hung": cell({0: 0.74, 1: 0.75}), "full|baseline": cell({0: 0.85})}
+    pairs = report.paired(summary)
+    isdnet = next(p for p in pairs if (p["method"], p["against"]) == ("isdnet", "baseline"))
+    # seeds 0-2 only (seed 3 has no baseline): differences +3, +2, +3 points; mean 8/3, SD 0.57735;
+    # half-width t(0.975, 2) * 0.57735 / sqrt(3) = 4.303 * 0.33333
+    assert isdnet["seeds"] == [0, 1, 2] and isdnet["differences"] == pytest.approx([3.0, 2.0, 3.0])
+    assert isdnet["mean"] == pytest.approx(8 / 3) and isdnet["high"] - isdnet["mean"] == pytest.approx(4.303 / 3)
+    lines = report.targets(summary, pairs)
+    assert "full-label baseline >= 84: 85.0 **met**" in lines[0]
+    assert "1/8: isdnet - baseline >= +1.8" in lines[1] and "**met**" in lines[1]
+    assert "isdnet - hung > 0" in lines[2] and "**missed**" in lines[2]
+    assert report.mean_interval([1.0])[1] == float("inf")
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"{HIPPOCAMPUS} is absent: the real-MRI benchmark test "
@@ -88,7 +113,7 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert len(runs["isdnet"]["metrics"]["cases"]) == 2
     assert "unlabeled" in runs["isdnet"]["importance"]
     assert (tmp_path / "results.png").stat().st_size > 0
-    markdown = (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "| isdnet |" in markdown and "Targets" in markdown
     assert "| isdnet |" in capsys.readouterr().out
     # A second invocation reuses the finished runs instead of training again.

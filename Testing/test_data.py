@@ -1,4 +1,5 @@
-"""Tests of isdnet.data: dataset folders, checked reading, slice geometry round trips, slices, augment."""
+"""Data stages: dataset folders (isdnet.dataset), checked reading (images), slice geometry round trips (geometry,
+infer's inverse mapping), training slices and augmentation (slices)."""
 
 from __future__ import annotations
 
@@ -15,27 +16,20 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from isdnet import data
-from isdnet.data import (
+from isdnet import geometry
+from isdnet.dataset import Case, case_name, cases_from_files, load_dataset, split_labeled, unlabeled_cases
+from isdnet.errors import InputError
+from isdnet.geometry import (
     NORMALISATION,
-    Case,
-    SliceDataset,
     SliceGeometry,
-    augment,
-    cache_volumes,
     canonical_grid,
-    case_name,
-    cases_from_files,
     choose_slice_axis,
-    load_dataset,
     plan_geometry,
     prepare_volume,
-    read_image,
-    read_label,
-    split_labeled,
-    unlabeled_cases,
 )
-from isdnet.errors import InputError
+from isdnet.images import read_image, read_label
+from isdnet.infer import to_input_grid_slices, to_input_image
+from isdnet.slices import SliceDataset, augment, cache_volumes
 
 HIPPOCAMPUS = Path("/work/shared/data/hippocampus")
 
@@ -97,8 +91,8 @@ def round_trip(image: sitk.Image, label: sitk.Image, geometry: SliceGeometry) ->
     prepared = prepare_volume(image, geometry, label)
     onehot = torch.nn.functional.one_hot(torch.from_numpy(prepared.label).long(), 3)
     onehot = onehot.permute(0, 3, 1, 2).float()
-    back = prepared.to_input_grid_slices(onehot).argmax(1).numpy().astype(np.uint8)
-    return prepared.to_input_image(back)
+    back = to_input_grid_slices(prepared, onehot).argmax(1).numpy().astype(np.uint8)
+    return to_input_image(prepared, back)
 
 
 def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -485,19 +479,19 @@ def test_normalise_in_place_matches_the_exact_statistics_and_samples_only_huge_v
     expected = np.clip(volume.astype(np.float64), *np.percentile(volume, (0.5, 99.5)))
     expected = (expected - expected.mean()) / expected.std()
     out = volume.copy()
-    data.normalise_in_place(out)
+    geometry.normalise_in_place(out)
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    monkeypatch.setattr(data, "PERCENTILE_SAMPLE", 1000)  # a strided sample of 1000 voxels of the 24000
-    monkeypatch.setattr(data, "NORMALISE_CHUNK", 777)  # chunks that do not divide the volume
+    monkeypatch.setattr(geometry, "PERCENTILE_SAMPLE", 1000)  # a strided sample of 1000 voxels of the 24000
+    monkeypatch.setattr(geometry, "NORMALISE_CHUNK", 777)  # chunks that do not divide the volume
     sampled = volume.copy()
-    data.normalise_in_place(sampled)
+    geometry.normalise_in_place(sampled)
     difference = np.abs(sampled - expected)
     assert 0 < np.median(difference) < 0.01 and difference.max() < 0.5  # only the clipped tails move much
 
 
 def normalise_intensities(array: np.ndarray) -> np.ndarray:
     out = np.array(array, dtype=np.float32)
-    data.normalise_in_place(out)
+    geometry.normalise_in_place(out)
     return out
 
 
@@ -598,13 +592,13 @@ def test_to_input_grid_slices_maps_indices_exactly():
     assert (h, w) == (20, 10)
     rows = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(2, 1, h, w)
     cols = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(2, 1, h, w)
-    back = prepared.to_input_grid_slices(torch.cat([rows, cols], 1))
+    back = to_input_grid_slices(prepared, torch.cat([rows, cols], 1))
     assert back.shape == (2, 2, 10, 20)
     # input index i sits at prepared index i * old / new (clamped to the last prepared index)
     assert torch.allclose(back[0, 0, :, 0], torch.arange(10.0) * 2, atol=1e-4)
     assert torch.allclose(back[0, 1, 0, :], (torch.arange(20.0) * 0.5).clamp(max=9), atol=1e-4)
     with pytest.raises(ValueError):
-        prepared.to_input_grid_slices(torch.zeros(1, 1, h + 1, w))
+        to_input_grid_slices(prepared, torch.zeros(1, 1, h + 1, w))
 
 
 def test_to_input_image_float_map():
@@ -612,7 +606,7 @@ def test_to_input_image_float_map():
     prepared = prepare_volume(image, SliceGeometry("auto", (1.0, 1.0), (32, 32)))
     canonical = sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
     slices = np.moveaxis(canonical, prepared.slice_axis, 0).astype(np.float32)
-    back = prepared.to_input_image(slices)
+    back = to_input_image(prepared, slices)
     assert_same_grid(back, image)
     assert back.GetPixelID() == sitk.sitkFloat32
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))

@@ -14,7 +14,7 @@ import torch
 
 from isdnet import runtime
 from isdnet.config import TrainConfig
-from isdnet.data import NORMALISATION, SliceGeometry, prepare_volume
+from isdnet.geometry import NORMALISATION, SliceGeometry, prepare_volume
 from isdnet.infer import batch_size_for, class_indices, predict_slices, segment
 from isdnet.metrics import dice_per_class
 from isdnet.modelfile import LoadedModel, make_header

@@ -22,8 +22,9 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isdnet.data import load_dataset, read_image, read_label
+from isdnet.dataset import load_dataset
 from isdnet.errors import ISDNetError
+from isdnet.images import read_image, read_label
 from isdnet.infer import segment
 from isdnet.modelfile import load_model, make_header, save_model
 from isdnet.networks import SUNet

@@ -165,24 +165,30 @@ def test_evaluate_cases_refuses_different_sizes_naming_the_case():
 
 
 def _write(array: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
+    """Write ``array`` with an empty slice after it (files must hold 3D volumes; Dice and HD95 stay the same)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(_image(array, spacing), str(path))
+    sitk.WriteImage(_image(np.concatenate([array, np.zeros_like(array[:1])]), spacing), str(path))
 
 
-def test_evaluate_folders_against_plain_and_decathlon_truth(tmp_path):
+def test_evaluate_folders_against_plain_decathlon_and_nnunet_truth(tmp_path):
     cases = _two_cases()
     for name, prediction, truth in cases:
         _write(sitk.GetArrayFromImage(prediction), tmp_path / "pred" / f"{name}.nii.gz")
         _write(sitk.GetArrayFromImage(truth), tmp_path / "truth" / f"{name}.nii.gz")
-        _write(sitk.GetArrayFromImage(truth), tmp_path / "dataset" / "labelsTr" / f"{name}.nii.gz")
-    (tmp_path / "dataset" / "dataset.json").write_text(json.dumps({
+        for layout, image_name in (("decathlon", name), ("nnunet", f"{name}_0000")):
+            _write(sitk.GetArrayFromImage(truth), tmp_path / layout / "labelsTr" / f"{name}.nii.gz")
+            _write(sitk.GetArrayFromImage(truth), tmp_path / layout / "imagesTr" / f"{image_name}.nii.gz")
+    (tmp_path / "decathlon" / "dataset.json").write_text(json.dumps({
         "labels": {"0": "background", "1": "organ"},
         "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
                      for n, _, _ in cases],
     }))
+    (tmp_path / "nnunet" / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
+        "file_ending": ".nii.gz"}))
     plain = evaluate_folders(tmp_path / "pred", tmp_path / "truth")
-    decathlon = evaluate_folders(tmp_path / "pred", tmp_path / "dataset")
-    assert plain == decathlon
+    assert evaluate_folders(tmp_path / "pred", tmp_path / "decathlon") == plain
+    assert evaluate_folders(tmp_path / "pred", tmp_path / "nnunet") == plain, "the same reader as training"
     assert plain["global_dice"] == {"1": pytest.approx(0.875)}
     # Spacing is read from the files: case a's rows differ along x, whose spacing is 1 (see above).
     assert plain["cases"][0]["hd95"]["1"] == pytest.approx(1.85)

@@ -10,9 +10,10 @@ import SimpleITK as sitk
 
 from isdnet.cli import main
 from isdnet.config import TrainConfig, checkpoint_path
-from isdnet.data import load_dataset, split_labeled
+from isdnet.dataset import load_dataset, split_labeled
 from isdnet.infer import segment
 from isdnet.modelfile import load_model, read_header
+from isdnet.networks import ConfidenceNet, register
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress
 from isdnet.train import train
@@ -103,6 +104,35 @@ def test_a_step_budget_sets_whole_epochs_and_the_final_model_is_kept(phantoms, t
     assert final["validation"]["epoch"] == 2, "the final model is the last epoch's"
     assert kept_best["validation"]["epoch"] == result.best_epoch
     assert kept_best["validation"]["dice"] == pytest.approx(result.best_val_dice)
+
+
+@register
+class WideConfidenceNet(ConfidenceNet):
+    """A discriminator added the way a user would: one subclass, one registration."""
+
+    @classmethod
+    def from_config(cls, config, channels):
+        return cls(channels, 2 * config.discriminator_channels, config.discriminator_stride)
+
+
+@pytest.mark.slow
+def test_a_registered_discriminator_is_trained_saved_and_gives_confidence_maps(phantoms, tmp_path):
+    spec = load_dataset(phantoms)
+    out = tmp_path / "custom.safetensors"
+    config = TrainConfig(method="isdnet", discriminator="WideConfidenceNet", epochs=2, warmup_epochs=1,
+                         steps_per_epoch=3, **SMALL)
+    train(spec.cases[:2], spec.cases[2:4], spec.labels, out, config)
+    model = load_model(out)
+    assert type(model.confidence) is WideConfidenceNet and model.confidence.config["base_channels"] == 16
+    assert read_header(out)["architecture"]["confidence"]["name"] == "WideConfidenceNet"
+    assert main(["segment", str(spec.cases[9].image), "--model", str(out), "--out", str(tmp_path / "seg"),
+                 "--confidence", "--device", "cpu"]) == 0
+    written = tmp_path / "seg" / f"{spec.cases[9].name}_confidence.nii.gz"
+    confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+    assert 0 <= confidence.min() and confidence.max() <= 1
+    with pytest.raises(ValueError, match="unknown network 'NoSuchNet'"):
+        train(spec.cases[:2], [], spec.labels, tmp_path / "x.safetensors", TrainConfig(discriminator="NoSuchNet",
+                                                                                         **SMALL))
 
 
 def oblique_volume(seed=0):

@@ -16,7 +16,7 @@ import torch
 from isdnet.checkpoint import load_latest, read_checkpoint, save_checkpoint
 from isdnet.config import TrainConfig, checkpoint_path
 from isdnet.config import previous_checkpoint_path as previous_path
-from isdnet.data import load_dataset
+from isdnet.dataset import load_dataset
 from isdnet.errors import InputError, TrainingError
 from isdnet.files import OutputLock, write_atomically
 from isdnet.modelfile import load_model

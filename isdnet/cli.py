@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace, progress: Progress) -> None:
-    from .data import cases_from_files, load_dataset, split_labeled, unlabeled_cases
+    from .dataset import cases_from_files, load_dataset, split_labeled, unlabeled_cases
     from .train import train
 
     if (args.dataset is None) == (args.images is None):
@@ -102,12 +102,11 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
 
 def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:
     """Class values found in the label files, named from ``names`` (background first) or generically."""
-    import numpy as np
-    import SimpleITK as sitk
+    from .images import label_values, read_label_map
 
     found: set[int] = {0}
     for case in cases:
-        found |= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))).astype(int).tolist())
+        found |= set(label_values(read_label_map(case.label)))
     values = sorted(found)
     if names and len(names) != len(values):
         raise ISDNetError(f"--label-names gives {len(names)} names but the labels hold {len(values)} values {values}")
@@ -115,7 +114,7 @@ def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:
 
 
 def run_segment(args: argparse.Namespace, progress: Progress) -> None:
-    from .data import case_name
+    from .dataset import case_name
     from .infer import segment
     from .modelfile import load_model
     from .outputs import write_segmentation
@@ -144,7 +143,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate_folders(args.pred, args.truth)
     text = json.dumps(metrics, indent=2)
     if args.json:
-        args.json.write_text(text)
+        args.json.write_text(text, encoding="utf-8")
     print(text)
 
 

@@ -67,6 +67,8 @@ class TrainConfig:
     dice_form: str = option("per-class", "how the weighted Dice (2) combines the classes (see "
                             "isdnet/losses.py)", choices=DICE_FORMS)
     base_channels: int = option(32, "width of S's first level (the paper: 32)", type=int)
+    discriminator: Optional[str] = option(None, "D's registered network class (see isdnet/networks.py; default: "
+                                          "ConfidenceNet, ImageClassifierDiscriminator for adv-classifier)")
     discriminator_channels: int = option(64, "width of D's first layer (Hung et al.: 64)", type=int)
     discriminator_stride: int = option(32, "downsampling of D's confidence map (Hung et al.: 32); lower it for "
                                        "small slices", type=int, choices=DISCRIMINATOR_STRIDES)
@@ -112,6 +114,13 @@ class TrainConfig:
             raise ValueError("warmup_epochs and semi_rampup_epochs must be non-negative")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+
+    @property
+    def discriminator_name(self) -> str:
+        """The network class D is built from."""
+        if self.discriminator:
+            return self.discriminator
+        return "ImageClassifierDiscriminator" if self.method == "adv-classifier" else "ConfidenceNet"
 
     @property
     def uses_discriminator(self) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import TrainConfig
-from .data import load_dataset, split_labeled
+from .dataset import load_dataset, split_labeled
 from .infer import segment
 from .losses import PAPER_LIVER_WEIGHTS
 from .metrics import evaluate_cases
@@ -65,7 +65,7 @@ def run_demo(out: Path, epochs: Optional[int] = None, seed: int = 0) -> dict:
             figure_inputs = (image, truth, result.labels, result.confidence)
     metrics = evaluate_cases(pairs, sorted(spec.labels))
     metrics["elapsed_s"] = round(time.monotonic() - started, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     figure = out / "demo.png"
     save_figure(figure, *figure_inputs)
     print(f"model:          {model_path}")

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import PreparedVolume, SliceGeometry, prepare_volume, read_image
 from .errors import PathLike
+from .geometry import PreparedVolume, SliceGeometry, prepare_volume
+from .images import read_image
 from .modelfile import LoadedModel, load_model
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
@@ -133,7 +134,7 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
     for start, probs, conf in predict_slices(segmenter, prepared.image, batch_size=batch_size,
                                              device=torch_device, dtype=dtype, confidence_net=confidence_net,
                                              slice_size=geometry.size, fill=prepared.minimum):
-        back = prepared.to_input_grid_slices(probs)  # stays on the device: only uint8 labels travel back
+        back = to_input_grid_slices(prepared, probs)  # stays on the device: only uint8 labels travel back
         if labels is None:
             labels = np.empty((n, *back.shape[-2:]), dtype=np.uint8)
         stop = start + len(back)
@@ -141,7 +142,7 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
         if conf is not None:
             if confidence_slices is None:
                 confidence_slices = np.empty((n, *back.shape[-2:]), dtype=np.float32)
-            confidence_slices[start:stop] = prepared.to_input_grid_slices(conf).cpu()[:, 0].numpy()
+            confidence_slices[start:stop] = to_input_grid_slices(prepared, conf).cpu()[:, 0].numpy()
         if probabilities:
             if probability_slices is None:
                 probability_slices = np.empty((back.shape[1], n, *back.shape[-2:]), dtype=np.float32)
@@ -150,8 +151,8 @@ def segment(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
             progress(stop, n)
     assert labels is not None, "a prepared volume always has at least one slice"
     return SegmentationResult(
-        labels=prepared.to_input_image(labels),
-        confidence=None if confidence_slices is None else prepared.to_input_image(confidence_slices),
+        labels=to_input_image(prepared, labels),
+        confidence=None if confidence_slices is None else to_input_image(prepared, confidence_slices),
         probabilities=None if probability_slices is None else _compose(prepared, probability_slices),
     )
 
@@ -170,4 +171,48 @@ def class_indices(maps: torch.Tensor) -> torch.Tensor:
 
 def _compose(prepared: PreparedVolume, per_class: np.ndarray) -> sitk.Image:
     """A vector image with one component per class, on the input grid."""
-    return sitk.Compose([prepared.to_input_image(channel) for channel in per_class])
+    return sitk.Compose([to_input_image(prepared, channel) for channel in per_class])
+
+
+def to_input_grid_slices(prepared: PreparedVolume, values: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``prepare_volume`` for per-slice maps: (B, K, H, W) on the prepared grid -> (B, K, H0, W0)
+    float32 on the canonical input slice grid, by bilinear interpolation with the exact index mapping
+    j = i * old_spacing / new_spacing.
+
+    Done in torch rather than SimpleITK so inference streams batches of slices and never holds float32
+    probabilities for a whole volume.
+    """
+    if values.dim() != 4 or tuple(values.shape[-2:]) != tuple(prepared.image.shape[1:]):
+        raise ValueError(f"expected (B, K, {prepared.image.shape[1]}, {prepared.image.shape[2]}) maps on the "
+                         f"prepared grid, got {tuple(values.shape)}")
+    coords = []
+    for k in (0, 1):
+        old_n, new_n = prepared.input_slice_size[k], values.shape[2 + k]
+        ratio = prepared.input_slice_spacing[k] / prepared.slice_spacing[k]
+        j = torch.arange(old_n, dtype=torch.float64) * ratio
+        coords.append(2 * j / (new_n - 1) - 1 if new_n > 1 else torch.zeros_like(j))
+    rows, cols = torch.meshgrid(coords[0], coords[1], indexing="ij")
+    grid = torch.stack((cols, rows), dim=-1).to(device=values.device, dtype=torch.float32)
+    grid = grid.unsqueeze(0).expand(values.shape[0], -1, -1, -1)
+    return F.grid_sample(values.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+def to_input_image(prepared: PreparedVolume, slices: np.ndarray) -> sitk.Image:
+    """The inverse of ``prepare_volume`` for a whole volume: an (N, H0, W0) array on the canonical input slice
+    grid (uint8 labels or float32 maps) as an image on exactly the input's grid (size, spacing, origin,
+    direction)."""
+    expected = (prepared.num_slices, *prepared.input_slice_size)
+    if tuple(slices.shape) != expected:
+        raise ValueError(f"expected slices of shape {expected} on the input slice grid, "
+                         f"got {slices.shape}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(slices, 0, prepared.slice_axis)))
+    image.SetSpacing(prepared.canonical_spacing)
+    image.SetOrigin(prepared.canonical_origin)
+    image.SetDirection(prepared.canonical_direction)
+    image = sitk.DICOMOrient(image, prepared.input_orientation)
+    if (image.GetSize() != prepared.input_size
+            or not np.allclose(image.GetDirection(), prepared.input_direction, atol=1e-6)):
+        raise RuntimeError("reorienting back to the input did not restore its grid; this is a bug")
+    image.SetSpacing(prepared.input_spacing)
+    image.SetOrigin(prepared.input_origin)
+    image.SetDirection(prepared.input_direction)
+    return image

@@ -12,7 +12,6 @@ Reports use label values as JSON strings (``"1"``) for keys, and ``None`` where 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .config import CONFIDENCE_SUFFIX, VOLUME_ENDING
+from .config import CONFIDENCE_SUFFIX, DATASET_FILE, VOLUME_ENDING
+from .dataset import load_dataset
 from .errors import InputError
+from .images import label_values, read_label_map
 
 PathLike = Union[str, Path]
 
@@ -194,32 +195,6 @@ def _case_name(path: Path) -> str:
     return path.name[: -len(VOLUME_ENDING)]
 
 
-def _read_label_map(path: Path) -> sitk.Image:
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1]
-        raise InputError(path, f"cannot be read as a label map ({reason})") from None
-
-
-def _decathlon_truth(folder: Path) -> tuple[dict[str, Path], list[int]]:
-    """Label files by case name and foreground label values of a Decathlon dataset folder."""
-    path = folder / "dataset.json"
-    try:
-        dataset = json.loads(path.read_text(encoding="utf-8"))
-        entries = [Path(entry["label"]) for entry in dataset["training"]]
-        names = dataset["labels"]
-        # Decathlon writes {"1": "liver"}, nnU-Net v2 writes {"liver": 1}.
-        if all(str(k).isdigit() for k in names):
-            values = [int(k) for k in names]
-        else:
-            values = [int(v) for v in names.values()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InputError(path, f"is not a valid Decathlon dataset description ({error!r})") from None
-    files = {_case_name(entry): (folder / entry).resolve() for entry in entries}
-    return files, sorted(v for v in values if v != 0)
-
-
 def evaluate_folders(pred_dir: PathLike, truth: PathLike,
                      labels: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """Evaluate every ``<case>.nii.gz`` label map of ``pred_dir`` against its ground truth.
@@ -237,9 +212,10 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
                          if not _case_name(p).endswith(CONFIDENCE_SUFFIX))
     if not predictions:
         raise InputError(pred_dir, f"contains no {VOLUME_ENDING} label maps")
-    if (truth / "dataset.json").is_file():
-        truth_files, dataset_labels = _decathlon_truth(truth)
-        labels = dataset_labels if labels is None else labels
+    if (truth / DATASET_FILE).is_file():
+        spec = load_dataset(truth)
+        truth_files = {case.name: case.label for case in spec.cases if case.label is not None}
+        labels = sorted(v for v in spec.labels if v != 0) if labels is None else labels
     else:
         truth_files = {_case_name(p): p for p in truth.glob("*" + VOLUME_ENDING)}
     missing = [_case_name(p) for p in predictions if _case_name(p) not in truth_files]
@@ -248,12 +224,11 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
     if labels is None:
         found: set[int] = set()
         for p in predictions:
-            image = _read_label_map(truth_files[_case_name(p)])
-            found.update(int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)))
+            found.update(label_values(read_label_map(truth_files[_case_name(p)])))
         labels = sorted(found - {0})
         if not labels:
             raise InputError(truth, "the ground truth label maps contain no foreground label")
     # A generator, so that only one case is in memory at a time.
-    pairs = ((_case_name(p), _read_label_map(p), _read_label_map(truth_files[_case_name(p)]))
+    pairs = ((_case_name(p), read_label_map(p), read_label_map(truth_files[_case_name(p)]))
              for p in predictions)
     return evaluate_cases(pairs, labels)

@@ -4,7 +4,7 @@ Tensors are named ``segmenter.<key>`` (the SU-Net's state dict, required) and ``
 confidence network, optional: it gives confidence maps). The safetensors metadata entry ``"isdnet"`` is a
 JSON header with everything inference needs: the classes (label value, name, colour), the intensity
 normalisation, the slice geometry, the architectures (``networks.architecture()``) and provenance. It is
-validated against ``HEADER_SCHEMA`` (JSON Schema 2020-12) on saving and on reading.
+validated against ``header_schema()`` (JSON Schema 2020-12) on saving and on reading.
 
 Reading parses the safetensors layout itself before handing the file to ``safetensors``, so that any file
 that is not a model (a pickle, a ``torch.save`` archive, random or truncated bytes) is refused with a plain
@@ -29,7 +29,7 @@ from torch import nn
 from . import __version__
 from .errors import ModelFileError
 from .files import write_atomically
-from .networks import architecture, build_network
+from .networks import architecture, build_network, registered
 
 PathLike = Union[str, Path]
 Weights = Union[nn.Module, dict[str, torch.Tensor]]
@@ -45,73 +45,75 @@ _BYTE = {"type": "integer", "minimum": 0, "maximum": 255}
 _RGB = {"type": "array", "items": _BYTE, "minItems": 3, "maxItems": 3}
 _PAIR = {"type": "array", "minItems": 2, "maxItems": 2}
 
-HEADER_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "ISDNet model header",
-    "type": "object",
-    "required": ["format", "format_version", "classes", "normalisation", "geometry", "architecture",
-                 "provenance"],
-    "properties": {
-        "format": {"const": FORMAT},
-        "format_version": {"type": "integer"},
-        "classes": {
-            "type": "array",
-            "minItems": 2,
-            "items": {
-                "type": "object",
-                "required": ["value", "name", "color"],
-                "properties": {
-                    "value": _BYTE,
-                    "name": {"type": "string", "minLength": 1},
-                    "color": _RGB,
-                },
-            },
-        },
-        "normalisation": {"type": "object"},
-        "geometry": {
-            "type": "object",
-            "required": ["slice_axis", "spacing", "size"],
-            "properties": {
-                "slice_axis": {"enum": ["auto", "x", "y", "z"]},
-                "spacing": {**_PAIR, "items": {"type": "number", "exclusiveMinimum": 0}},
-                "size": {**_PAIR, "items": {"type": "integer", "minimum": 1}},
-            },
-        },
-        "architecture": {
-            "type": "object",
-            "required": ["segmenter", "confidence"],
-            "properties": {
-                "segmenter": {
+
+def header_schema() -> dict[str, Any]:
+    """The JSON Schema of a model header; the allowed network names are the registered ones of each role."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ISDNet model header",
+        "type": "object",
+        "required": ["format", "format_version", "classes", "normalisation", "geometry", "architecture",
+                     "provenance"],
+        "properties": {
+            "format": {"const": FORMAT},
+            "format_version": {"type": "integer"},
+            "classes": {
+                "type": "array",
+                "minItems": 2,
+                "items": {
                     "type": "object",
-                    "required": ["name", "num_classes"],
-                    "properties": {"name": {"const": "SUNet"},
-                                   "num_classes": {"type": "integer", "minimum": 2}},
+                    "required": ["value", "name", "color"],
+                    "properties": {
+                        "value": _BYTE,
+                        "name": {"type": "string", "minLength": 1},
+                        "color": _RGB,
+                    },
                 },
-                "confidence": {
-                    "oneOf": [
-                        {"type": "null"},
-                        {
-                            "type": "object",
-                            "required": ["name", "num_classes"],
-                            "properties": {"name": {"const": "ConfidenceNet"},
-                                           "num_classes": {"type": "integer"}},
-                        },
-                    ],
+            },
+            "normalisation": {"type": "object"},
+            "geometry": {
+                "type": "object",
+                "required": ["slice_axis", "spacing", "size"],
+                "properties": {
+                    "slice_axis": {"enum": ["auto", "x", "y", "z"]},
+                    "spacing": {**_PAIR, "items": {"type": "number", "exclusiveMinimum": 0}},
+                    "size": {**_PAIR, "items": {"type": "integer", "minimum": 1}},
+                },
+            },
+            "architecture": {
+                "type": "object",
+                "required": ["segmenter", "confidence"],
+                "properties": {
+                    "segmenter": {
+                        "type": "object",
+                        "required": ["name", "num_classes"],
+                        "properties": {"name": {"enum": registered("segmenter")},
+                                       "num_classes": {"type": "integer", "minimum": 2}},
+                    },
+                    "confidence": {
+                        "oneOf": [
+                            {"type": "null"},
+                            {
+                                "type": "object",
+                                "required": ["name", "num_classes"],
+                                "properties": {"name": {"enum": registered("confidence")},
+                                               "num_classes": {"type": "integer"}},
+                            },
+                        ],
+                    },
+                },
+            },
+            "provenance": {
+                "type": "object",
+                "required": ["method", "isdnet_version", "created"],
+                "properties": {
+                    "method": {"type": "string"},
+                    "isdnet_version": {"type": "string"},
+                    "created": {"type": "string"},
                 },
             },
         },
-        "provenance": {
-            "type": "object",
-            "required": ["method", "isdnet_version", "created"],
-            "properties": {
-                "method": {"type": "string"},
-                "isdnet_version": {"type": "string"},
-                "created": {"type": "string"},
-            },
-        },
-    },
-}
-_VALIDATOR = jsonschema.Draft202012Validator(HEADER_SCHEMA)
+    }
 
 # Background black, then colours that are distinct on grey-scale images (anatomy-like first).
 _PALETTE = [
@@ -179,7 +181,7 @@ def check_header(header: Any, path: PathLike) -> None:
         supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
         raise ModelFileError(path, f"uses model format version {version!r}, but this version of ISDNet reads "
                                    f"format version {supported} only; update ISDNet or re-export the model")
-    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(header))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(header_schema()).iter_errors(header))
     if error is not None:
         raise ModelFileError(path, f"its header field {_field(error)} is invalid: {error.message}")
     values = [c["value"] for c in header["classes"]]

@@ -1,19 +1,56 @@
 """The three networks of ISDNet: the SU-Net segmenter S, the confidence network D and the importance network D0.
 
-All take and return NCHW tensors and work in channels-last memory format. Every architecture is described by a
-plain dict (``architecture()``) so that a model file can rebuild it with ``build_network``.
+All take and return NCHW tensors and work in channels-last memory format. Every network class has a role and is
+registered by name (``register``): the trainer builds S, D and D0 from the registry, the model file stores each
+network as its ``architecture()`` (name and options) and ``build_network`` rebuilds it. Adding a discriminator is
+one class with ``role`` and ``from_config``, and one ``@register``.
+
+Roles: ``segmenter`` (S), ``confidence`` (a D that gives a per-pixel confidence map: it is saved in the model file
+and gives ``segment --confidence``), ``classifier`` (an image-level D, used in training only) and ``importance``
+(D0).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ROLES = ("segmenter", "confidence", "classifier", "importance")
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
 LEAKY_SLOPE_SEGMENTER = 0.01
 LEAKY_SLOPE_DISCRIMINATOR = 0.2
+
+
+def register(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: make a network class known by its name to the trainer and the model file."""
+    if getattr(cls, "role", None) not in ROLES:
+        raise ValueError(f"{cls.__name__} needs a class attribute role, one of {ROLES}")
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def registered(role: str) -> list[str]:
+    """The names of the registered networks with this role."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.role == role)
+
+
+def network_class(name: str, roles: Sequence[str] = ROLES) -> type[nn.Module]:
+    """The registered network class called ``name``, which must have one of ``roles``; ValueError otherwise."""
+    cls = _REGISTRY.get(name)
+    if cls is None or cls.role not in roles:
+        known = sorted(n for n, c in _REGISTRY.items() if c.role in roles)
+        raise ValueError(f"unknown network {name!r}; known: {known}")
+    return cls
+
+
+def role_of(network: nn.Module) -> str:
+    """The role of a network instance (its class's)."""
+    return type(network).role
 
 
 def _group_count(channels: int, groups: int) -> int:
@@ -38,6 +75,7 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+@register
 class SUNet(nn.Module):
     """S: Ronneberger's 2D U-Net with halved widths (32..512), group norm and leaky ReLU.
 
@@ -45,6 +83,13 @@ class SUNet(nn.Module):
     ``forward`` returns class logits; ``forward_features`` also returns Z(X), the bottleneck output that the
     importance network D0 reads.
     """
+
+    role = "segmenter"
+
+    @classmethod
+    def from_config(cls, config: Any, channels: int) -> SUNet:
+        """S for a TrainConfig and ``channels`` classes."""
+        return cls(1, channels, config.base_channels)
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 32, depth: int = 5,
                  groups: int = 8):
@@ -92,6 +137,7 @@ class SUNet(nn.Module):
         return self.forward_features(x)[0]
 
 
+@register
 class ConfidenceNet(nn.Module):
     """D: Hung et al.'s fully convolutional discriminator, returning a per-pixel confidence logit map.
 
@@ -104,6 +150,13 @@ class ConfidenceNet(nn.Module):
     keeps the first log2(output_stride) layers strided and the rest at stride 1 (padded to keep the size), so the map
     stays spatial; the layers, kernels and widths are unchanged.
     """
+
+    role = "confidence"
+
+    @classmethod
+    def from_config(cls, config: Any, channels: int) -> ConfidenceNet:
+        """D for a TrainConfig and ``channels`` classes."""
+        return cls(channels, config.discriminator_channels, config.discriminator_stride)
 
     def __init__(self, num_classes: int = 2, base_channels: int = 64, output_stride: int = 32):
         super().__init__()
@@ -135,11 +188,19 @@ class ConfidenceNet(nn.Module):
         return logits[..., :h, :w]
 
 
+@register
 class ImageClassifierDiscriminator(nn.Module):
     """The image-level discriminator of Luc et al. (the ``adv-classifier`` ablation): one logit per image.
 
     The same strided convolutions as ``ConfidenceNet``, then global average pooling instead of a map.
     """
+
+    role = "classifier"
+
+    @classmethod
+    def from_config(cls, config: Any, channels: int) -> ImageClassifierDiscriminator:
+        """The image-level D for a TrainConfig and ``channels`` classes."""
+        return cls(channels, config.discriminator_channels)
 
     def __init__(self, num_classes: int = 2, base_channels: int = 64):
         super().__init__()
@@ -154,11 +215,19 @@ class ImageClassifierDiscriminator(nn.Module):
         return self.fcn.body(x).mean(dim=(2, 3), keepdim=True)
 
 
+@register
 class ImportanceNet(nn.Module):
     """D0: an image-level classifier on Z(X): logit of "this sample comes from the labeled data".
 
     Two 3x3 convolutions with leaky ReLU 0.2, global average pooling and a linear layer.
     """
+
+    role = "importance"
+
+    @classmethod
+    def from_config(cls, config: Any, channels: int) -> ImportanceNet:
+        """D0 for a TrainConfig, reading ``channels`` feature channels of S."""
+        return cls(channels, config.importance_channels)
 
     def __init__(self, in_channels: int = 512, width: int = 128):
         super().__init__()
@@ -174,11 +243,6 @@ class ImportanceNet(nn.Module):
         return self.linear(self.body(features).mean(dim=(2, 3))).squeeze(1)
 
 
-NETWORKS: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (SUNet, ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet)
-}
-
-
 def architecture(network: nn.Module) -> dict[str, Any]:
     """A JSON-ready description of ``network`` from which ``build_network`` rebuilds it."""
     return {"name": type(network).__name__, **network.config}
@@ -187,10 +251,8 @@ def architecture(network: nn.Module) -> dict[str, Any]:
 def build_network(description: dict[str, Any]) -> nn.Module:
     """Rebuild a network from ``architecture()``'s description; unknown names or options raise ValueError."""
     options = dict(description)
-    name = options.pop("name", None)
-    if name not in NETWORKS:
-        raise ValueError(f"unknown network {name!r}; known: {sorted(NETWORKS)}")
+    cls = network_class(str(options.pop("name", None)))
     try:
-        return NETWORKS[name](**options)
+        return cls(**options)
     except TypeError as error:
-        raise ValueError(f"bad options for {name}: {error}") from None
+        raise ValueError(f"bad options for {cls.__name__}: {error}") from None

@@ -35,23 +35,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import load_latest, save_checkpoint
 from .config import TrainConfig, checkpoint_path
-from .data import (
-    NORMALISATION,
-    Case,
-    ImageGrid,
-    PreparedVolume,
-    SliceDataset,
-    SliceGeometry,
-    augment,
-    cache_volumes,
-    plan_geometry,
-    prepare_volume,
-    read_image,
-    read_label,
-)
+from .dataset import Case
 from .distributed import ProcessGroup, init_from_environment, shutdown
 from .errors import InputError, TrainingError
 from .files import OutputLock
+from .geometry import NORMALISATION, ImageGrid, PreparedVolume, SliceGeometry, plan_geometry, prepare_volume
+from .images import read_image, read_label
 from .infer import predict_slices
 from .losses import (
     AdversarialLoss,
@@ -63,9 +52,10 @@ from .losses import (
 )
 from .metrics import dice_per_class
 from .modelfile import default_colors, make_header, save_model
-from .networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet
+from .networks import ImportanceNet, SUNet, network_class, role_of
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision, to_device
+from .slices import SliceDataset, augment, cache_volumes
 
 POLY_POWER = 0.9  # Hung et al.'s poly decay
 RESUMABLE_CHANGES = ("epochs", "device", "precision")  # options a resumed run may change
@@ -99,18 +89,15 @@ class Trainer:
         if len(weights) != num_classes:
             raise ValueError(f"{len(weights)} class weights given for {num_classes} classes")
         torch.manual_seed(config.seed)
-        self.segmenter = SUNet(1, num_classes, config.base_channels).to(device, memory_format=torch.channels_last)
+        self.segmenter = SUNet.from_config(config, num_classes).to(device, memory_format=torch.channels_last)
         self.discriminator: Optional[torch.nn.Module] = None
-        self.importance: Optional[ImportanceNet] = None
+        self.importance: Optional[torch.nn.Module] = None
         if config.uses_discriminator:
-            if config.method == "adv-classifier":
-                self.discriminator = ImageClassifierDiscriminator(num_classes, config.discriminator_channels)
-            else:
-                self.discriminator = ConfidenceNet(num_classes, config.discriminator_channels,
-                                                   config.discriminator_stride)
-            self.discriminator.to(device)
+            roles = ("classifier",) if config.method == "adv-classifier" else ("confidence",)
+            discriminator = network_class(config.discriminator_name, roles)
+            self.discriminator = discriminator.from_config(config, num_classes).to(device)
         if config.uses_importance:
-            self.importance = ImportanceNet(self.segmenter.feature_channels, config.importance_channels).to(device)
+            self.importance = ImportanceNet.from_config(config, self.segmenter.feature_channels).to(device)
         for net in self.networks().values():
             self.group.broadcast_parameters(net)
         critic_rate = config.discriminator_learning_rate or config.learning_rate
@@ -126,6 +113,12 @@ class Trainer:
         self.adversarial = AdversarialLoss()
         self.confidence_loss = ConfidenceNetLoss()
         self.importance_loss = ImportanceNetLoss()
+
+    @property
+    def confidence_net(self) -> Optional[torch.nn.Module]:
+        """D when it gives a per-pixel confidence map (its role is "confidence"): the part the model file keeps."""
+        d = self.discriminator
+        return d if d is not None and role_of(d) == "confidence" else None
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """The networks in update order: S, then D, then D0 (absent ones left out)."""
@@ -559,8 +552,7 @@ class _TrainingRun:
         if self.group.is_main:
             self.header["provenance"]["validation"] = {"dice": val, "epoch": epoch}
             self.header["provenance"]["training_time_s"] = round(time.monotonic() - self.started, 1)
-            confidence = self.trainer.discriminator
-            confidence = confidence if isinstance(confidence, ConfidenceNet) else None
+            confidence = self.trainer.confidence_net
             if best and self.best_out is not None:
                 save_model(self.best_out, self.header, self.trainer.segmenter, confidence)
             if best or config.model_selection == "final":
@@ -617,7 +609,7 @@ def _model_header(config: TrainConfig, labels: dict[int, str], colors: Optional[
     """The model file's JSON header: everything inference and a reader of provenance need."""
     values = sorted(labels)
     palette = default_colors(len(values))
-    confidence = trainer.discriminator if isinstance(trainer.discriminator, ConfidenceNet) else None
+    confidence = trainer.confidence_net
     header = make_header([labels[v] for v in values], dict(NORMALISATION), geometry.to_dict(), trainer.segmenter,
                          confidence, method=config.method,
                          colors=[list((colors or {}).get(v, palette[i])) for i, v in enumerate(values)],

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,8 +31,10 @@ import torch
 from safetensors.torch import load_file
 
 from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path
-from isdnet.data import Case, SliceGeometry, load_dataset, prepare_volume, read_image, split_labeled
+from isdnet.dataset import Case, load_dataset, split_labeled
 from isdnet.errors import InputError
+from isdnet.geometry import SliceGeometry, prepare_volume
+from isdnet.images import read_image
 from isdnet.infer import segment
 from isdnet.metrics import auroc, evaluate_cases
 from isdnet.modelfile import LoadedModel, load_model
@@ -41,9 +42,11 @@ from isdnet.networks import ImportanceNet, SUNet
 from isdnet.progress import Progress
 from isdnet.train import split_validation, train
 
+from .accuracy_report import fraction_key, paired, render_chart, render_markdown, summarise
+
 DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
-FULL = "full"  # the fraction key of the full-label baseline
 # Table 2 of the paper: each hyperparameter varied alone around the defaults, for isdnet.
+PAIRED_METHODS = ("baseline", "isdnet")  # run with every seed; the other methods with the first --ablation-seeds
 GRID = {"lambda_adv": (1e-4, 1e-3, 5e-3), "lambda_semi": (0.5, 1.0, 5.0), "t_semi": (0.0, 0.1, 0.5, 1.0)}
 QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, warmup_epochs=1)
 
@@ -60,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", nargs="+", type=float, default=list(DEFAULT_FRACTIONS),
                         help="labeled fractions of the training cases (default 1/2 1/8 1/16)")
     parser.add_argument("--no-full", action="store_true", help="leave out the full-label baseline")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="seeds of baseline and isdnet (each seed: a labeled subset and initial weights)")
+    parser.add_argument("--ablation-seeds", type=int, default=3,
+                        help="how many of the first seeds the other methods (adv, adv-classifier, hung) run")
     parser.add_argument("--steps", type=int, default=3000,
                         help="optimisation steps of S, the same budget for every run (rounded to whole passes "
                              "over the labeled slices)")
@@ -122,7 +128,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        return FULL if self.fraction == 1.0 else fraction_label(self.fraction)
+        return fraction_key(self.fraction)
 
     @property
     def name(self) -> str:
@@ -130,18 +136,13 @@ class Run:
         return f"{self.method}_{self.key.replace('/', 'of')}_seed{self.seed}{extra}"
 
 
-def fraction_label(fraction: float) -> str:
-    """1/8 for 0.125: the way the paper names labeled fractions."""
-    f = Fraction(fraction).limit_denominator(64)
-    return str(f) if f.denominator > 1 else FULL
-
-
 def plan_runs(args: argparse.Namespace) -> list[Run]:
     """Seed-major order, so an interrupted benchmark still has every cell for the first seeds."""
     runs = []
-    for seed in args.seeds:
+    for index, seed in enumerate(args.seeds):
+        methods = [m for m in args.methods if m in PAIRED_METHODS or index < args.ablation_seeds]
         for fraction in args.fractions:
-            runs += [Run(method, fraction, seed) for method in args.methods]
+            runs += [Run(method, fraction, seed) for method in methods]
         if not args.no_full:
             runs.append(Run("baseline", 1.0, seed))
     if args.grid:
@@ -156,7 +157,7 @@ def split_cases(dataset: Path, cases: Sequence[Case], test_fraction: float) -> t
     by_name = {c.name: c for c in cases}
     splits_path = dataset / "splits.json"
     if splits_path.is_file():
-        splits = json.loads(splits_path.read_text())
+        splits = json.loads(splits_path.read_text(encoding="utf-8"))
         missing = [n for n in splits.get("train", []) + splits.get("test", []) if n not in by_name]
         if missing or not splits.get("train") or not splits.get("test"):
             raise InputError(splits_path, "needs non-empty 'train' and 'test' lists of the dataset's labeled cases"
@@ -290,188 +291,6 @@ def importance_diagnostics(checkpoint: Path, config: TrainConfig, header: dict[s
     return stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# Report
-
-
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
-def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per (fraction key, method) cell: mean and SD over seeds of each metric, plus the diagnostics."""
-    cells: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if not r["overrides"]:
-            cells.setdefault(f"{r['key']}|{r['method']}", []).append(r)
-    summary = {}
-    for cell, runs in cells.items():
-        classes = sorted(runs[0]["metrics"]["dice_per_class"], key=int)
-        hd95 = [np.nanmean([np.nan if v is None else v for v in r["metrics"]["hd95"].values()]) for r in runs]
-        summary[cell] = dict(
-            seeds=[r["seed"] for r in runs],
-            dice=mean_sd([r["metrics"]["dice"] for r in runs]),
-            dice_best=mean_sd([r["metrics_best"]["dice"] for r in runs if r.get("metrics_best")] or [float("nan")]),
-            dice_per_class={c: mean_sd([r["metrics"]["dice_per_class"][c] for r in runs]) for c in classes if c != "0"},
-            global_dice=mean_sd([r["metrics"]["global_dice_mean"] for r in runs]),
-            hd95=mean_sd(hd95),
-            train_time_s=mean_sd([r["train_time_s"] for r in runs]),
-            steps=runs[0]["steps"],
-            labeled_cases=runs[0]["labeled_cases"],
-            per_seed_dice=[round(r["metrics"]["dice"], 4) for r in runs],
-            diagnostics=diagnostics(runs),
-        )
-    return summary
-
-
-def diagnostics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """What the issue asks to check: is D learning, how much unlabeled data passes T_semi, what w D0 gives."""
-    out: dict[str, Any] = {}
-
-    def series(key: str) -> list[list[float]]:
-        return [[e["losses"][key] for e in r["history"] if key in e["losses"]] for r in runs]
-
-    for key in ("d", "adv", "confident_fraction", "w_mean", "d0", "semi"):
-        values = [s for s in series(key) if s]
-        if values:
-            out[key] = dict(first=mean_sd([s[0] for s in values])[0], last=mean_sd([s[-1] for s in values])[0])
-    weights = [r["importance"] for r in runs if r.get("importance")]
-    for group in ("labeled", "unlabeled"):
-        if weights and all(group in w for w in weights):
-            out[f"w_{group}"] = {k: mean_sd([w[group][k] for w in weights])[0] for k in ("mean", "std", "min", "max")}
-    return out
-
-
-def _pm(pair: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
-
-
-def _keys(summary: dict[str, Any]) -> list[str]:
-    keys = {cell.split("|")[0] for cell in summary}
-    fractions = sorted((k for k in keys if k != FULL), key=lambda k: -float(Fraction(k)))
-    return fractions + ([FULL] if FULL in keys else [])
-
-
-def targets(summary: dict[str, Any]) -> list[str]:
-    """The issue's targets, each checked on the measured cells ("not run" where a cell is missing)."""
-    def cell(key: str, method: str) -> Optional[dict[str, Any]]:
-        return summary.get(f"{key}|{method}")
-
-    def verdict(ok: bool) -> str:
-        return "**met**" if ok else "**missed**"
-
-    lines = []
-    for key in _keys(summary):
-        if key == FULL:
-            continue
-        base, isd = cell(key, "baseline"), cell(key, "isdnet")
-        if base and isd:
-            gain = (isd["dice"][0] - base["dice"][0]) * 100
-            spread = max(base["dice"][1], isd["dice"][1]) * 100
-            need = "gain >= 1.8 and > seed SD" if key == "1/8" else "isdnet >= baseline - seed SD"
-            ok = gain >= 1.8 and gain > spread if key == "1/8" else gain >= -spread
-            lines.append(f"- {key}: isdnet - baseline = {gain:+.2f} Dice points, seed SD {spread:.2f} "
-                         f"({len(isd['seeds'])} vs {len(base['seeds'])} seeds; {need}): {verdict(ok)}")
-        for better, worse in (("isdnet", "hung"), ("adv", "adv-classifier")):
-            a, b = cell(key, better), cell(key, worse)
-            if a and b:
-                gain = (a["dice"][0] - b["dice"][0]) * 100
-                lines.append(f"- {key}: {better} - {worse} = {gain:+.2f} Dice points: {verdict(gain > 0)}")
-    return lines or ["- no pair of methods measured yet"]
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The Markdown report: header, main table, per-class table, diagnostics, targets."""
-    summary, meta = report["summary"], report["meta"]
-    keys = _keys(summary)
-    methods = [m for m in METHODS if any(f"{k}|{m}" in summary for k in keys)]
-    lines = [f"# ISDNet ablation (paper Table 3) on {meta['dataset']}", "",
-             f"- commit `{meta['commit']}`, {meta['date']}", f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`",
-             f"- {meta['settings']}", f"- wall time of this invocation: {meta['wall_time_s'] / 60:.1f} min "
-             f"({meta['runs_done']} runs done now, {meta['runs_reused']} reused from earlier invocations)", "",
-             "Mean test Dice over the foreground classes (x100), mean ± SD over seeds (n = seeds):", "",
-             "| method | " + " | ".join(f"{k} labels" for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    for method in methods:
-        row = []
-        for key in keys:
-            c = summary.get(f"{key}|{method}")
-            row.append(f"{_pm(c['dice'])} (n={len(c['seeds'])})" if c else "")
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
-    lines += ["", "Details per cell: Dice per class and global Dice (x100), HD95 (mm), training time (s), steps:", "",
-              "| labels | method | labeled cases | Dice per class | global Dice | HD95 | train s | steps | "
-              "Dice per seed |", "|---|---|---|---|---|---|---|---|---|"]
-    for key in keys:
-        for method in methods:
-            c = summary.get(f"{key}|{method}")
-            if c:
-                per_class = ", ".join(f"{k}: {_pm(v)}" for k, v in c["dice_per_class"].items())
-                lines.append(f"| {key} | {method} | {c['labeled_cases']} | {per_class} | {_pm(c['global_dice'])} | "
-                             f"{_pm(c['hd95'], 1, 2)} | {c['train_time_s'][0]:.0f} | {c['steps']} | "
-                             f"{c['per_seed_dice']} |")
-    lines += ["", "Diagnostics (epoch means, first -> last epoch that has the term; means over seeds). d: confidence "
-              "net loss (2 ln 2 = 1.39 at chance), confident: share of unlabeled pixels over T_semi, w: importance "
-              "weight 1 - D0 on slices of 8 labeled / 8 unlabeled cases with the last epoch's networks:", "",
-              "| labels | method | d | confident | w_mean (training) | d0 | w labeled: mean (sd) [min, max] | "
-              "w unlabeled |", "|---|---|---|---|---|---|---|---|"]
-
-    def arrow(d: dict[str, Any], key: str) -> str:
-        return f"{d[key]['first']:.3f} -> {d[key]['last']:.3f}" if key in d else ""
-
-    def spread(d: dict[str, Any], key: str) -> str:
-        w = d.get(key)
-        return f"{w['mean']:.3f} ({w['std']:.3f}) [{w['min']:.3f}, {w['max']:.3f}]" if w else ""
-
-    for key in keys:
-        for method in methods:
-            c = summary.get(f"{key}|{method}")
-            if c and c["diagnostics"]:
-                d = c["diagnostics"]
-                lines.append(f"| {key} | {method} | {arrow(d, 'd')} | {arrow(d, 'confident_fraction')} | "
-                             f"{arrow(d, 'w_mean')} | {arrow(d, 'd0')} | {spread(d, 'w_labeled')} | "
-                             f"{spread(d, 'w_unlabeled')} |")
-    if report["grid"]:
-        lines += ["", "Table 2 grid (isdnet, one hyperparameter changed from the defaults):", "",
-                  "| change | labels | seed | Dice |", "|---|---|---|---|"]
-        lines += [f"| {g['overrides']} | {g['key']} | {g['seed']} | {g['dice'] * 100:.1f} |" for g in report["grid"]]
-    lines += ["", "Targets (from the issue):", "", *targets(summary), ""]
-    return "\n".join(lines)
-
-
-def render_chart(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars: mean test Dice per method at each fraction, SD over seeds as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = report["summary"]
-    keys = [k for k in _keys(summary) if k != FULL]
-    methods = [m for m in METHODS if any(f"{k}|{m}" in summary for k in keys)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(methods))
-    for i, method in enumerate(methods):
-        cells = [summary.get(f"{k}|{method}") for k in keys]
-        xs = [j + i * width for j, c in enumerate(cells) if c]
-        ax.bar(xs, [c["dice"][0] * 100 for c in cells if c], width, yerr=[c["dice"][1] * 100 for c in cells if c],
-               label=method, capsize=3)
-    full = summary.get(f"{FULL}|baseline")
-    if full:
-        ax.axhline(full["dice"][0] * 100, color="black", linestyle="--", label="baseline, all labels")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{k} labeled" for k in keys])
-    values = [c["dice"][0] * 100 for c in summary.values()]
-    ax.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
-    ax.set_ylabel("mean test Dice (x100)")
-    ax.set_title(f"ISDNet ablation on {report['meta']['dataset']}")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:
     """The benchmark's settings in one sentence, for the report's header."""
     critic_rate = args.discriminator_learning_rate or args.learning_rate
@@ -513,6 +332,16 @@ def commit() -> str:
 # Command
 
 
+def same_settings(saved: Any, current: dict[str, Any]) -> bool:
+    """True when a finished run was made with the current settings. An option added to TrainConfig after the run
+    counts as the same when it keeps its default, which reproduces the behaviour from before it existed."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        return False
+    defaults = TrainConfig().as_json()
+    config = {k: v for k, v in current["config"].items() if k in saved["config"] or v != defaults.get(k)}
+    return {**current, "config": config} == saved
+
+
 def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
                       labels: dict[int, str], folder: Path, settings: dict[str, Any], record_path: Path,
                       threads: int) -> dict[str, Any]:
@@ -523,7 +352,7 @@ def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[C
     record = execute(planned, config, train_cases, test_cases, labels, folder)
     record["settings"] = settings
     temporary = record_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=1))
+    temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
     os.replace(temporary, record_path)
     print(f"{planned.name}: test Dice {record['metrics']['dice']:.4f}, train {record['train_time_s']:.0f} s, "
           f"eval {record['eval_time_s']:.0f} s", file=sys.stderr, flush=True)
@@ -556,8 +385,8 @@ def run(args: argparse.Namespace) -> None:
         settings = json.loads(json.dumps(dict(config=dataclasses.asdict(config), train=[c.name for c in train_cases],
                                               test=[c.name for c in test_cases])))  # as a record file holds it
         if record_path.is_file():
-            record = json.loads(record_path.read_text())
-            if record.get("settings") == settings:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            if same_settings(record.get("settings"), settings):
                 records.append(record)
                 reused += 1
                 continue
@@ -582,6 +411,7 @@ def run(args: argparse.Namespace) -> None:
                 for future in concurrent.futures.as_completed([pool.submit(_execute_and_save, *w) for w in work]):
                     records.append(future.result())
                     done += 1
+    summary = summarise(records)
     report = dict(
         meta=dict(dataset=args.dataset.name, commit=commit(), machine=machine(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -589,13 +419,14 @@ def run(args: argparse.Namespace) -> None:
                   if "accuracy" in sys.argv else " ".join(sys.argv),
                   settings=settings_line(args, len(train_cases), len(test_cases)),
                   wall_time_s=time.monotonic() - started, runs_done=done, runs_reused=reused),
-        summary=summarise(records),
+        summary=summary,
+        paired=paired(summary),
         grid=[dict(overrides=r["overrides"], key=r["key"], seed=r["seed"], dice=r["metrics"]["dice"])
               for r in records if r["overrides"]],
         runs=[{k: v for k, v in r.items() if k not in ("settings",)} for r in records],
     )
     markdown = render_markdown(report)
-    report_path.with_suffix(".md").write_text(markdown)
-    report_path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_path.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    report_path.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     render_chart(report, report_path.with_suffix(".png"))
     print(markdown)

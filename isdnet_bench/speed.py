@@ -33,21 +33,16 @@ import SimpleITK as sitk
 import torch
 
 from isdnet.config import TrainConfig
-from isdnet.data import (
-    NORMALISATION,
-    CachedVolume,
-    SliceDataset,
-    SliceGeometry,
-    load_dataset,
-    prepare_volume,
-    read_image,
-)
+from isdnet.dataset import load_dataset
 from isdnet.distributed import ProcessGroup
+from isdnet.geometry import NORMALISATION, SliceGeometry, prepare_volume
+from isdnet.images import read_image
 from isdnet.infer import segment
 from isdnet.metrics import dice_per_class
 from isdnet.modelfile import load_model, make_header, save_model
 from isdnet.networks import SUNet, build_network
 from isdnet.runtime import resolve_device, resolve_precision, to_device
+from isdnet.slices import CachedVolume, SliceDataset
 from isdnet.train import Trainer, epoch_batches, train
 
 GIB = 1024**3
@@ -128,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
     if "agreement" in args.only:
         results["agreement"] = agreement_rows(sizes, args)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
-    args.out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(format_table(results))
     print(f"\nwritten: {args.out}")
 
@@ -454,7 +449,7 @@ def _split(name: str, folder: Path, cases: list[Any]) -> tuple[list[Any], list[A
     """Training and test cases: the dataset's own split file when it has one, else all but the last case."""
     split_file = folder / "splits.json"
     if name == "hippocampus" and split_file.exists():
-        split = json.loads(split_file.read_text())
+        split = json.loads(split_file.read_text(encoding="utf-8"))
         by_name = {Path(c.image).name.split(".")[0]: c for c in cases}
         pick = lambda names, n: [by_name[k] for k in names if k in by_name][:n]  # noqa: E731
         return pick(split["train"], 24), pick(split["test"], 10)

@@ -1,0 +1,146 @@
+"""Training slices: prepared volumes cached on disk, a torch Dataset of fixed-size crops, and augmentation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import PathLike
+
+
+@dataclass
+class CachedVolume:
+    """A prepared volume's slices memory-mapped from a cache: ``image`` float16, ``label`` uint8 or None."""
+
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    minimum: float
+
+    @property
+    def num_slices(self) -> int:
+        """Number of slices N."""
+        return int(self.image.shape[0])
+
+
+def cache_volumes(volumes: Iterable[Any], folder: PathLike) -> list[CachedVolume]:
+    """Write each volume's slices to ``folder`` (image float16, label uint8 .npy) and map them back
+    read-only, so a training set larger than memory only loads the slices in use."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = []
+    for i, volume in enumerate(volumes):
+        image_path = folder / f"{i:05d}_image.npy"
+        np.save(image_path, np.asarray(volume.image).astype(np.float16))
+        label_path = None
+        if volume.label is not None:
+            label_path = folder / f"{i:05d}_label.npy"
+            np.save(label_path, np.asarray(volume.label, dtype=np.uint8))
+        image = np.load(image_path, mmap_mode="r")
+        cached.append(CachedVolume(image=image, minimum=float(image.min()),
+                                   label=None if label_path is None else np.load(label_path, mmap_mode="r")))
+    return cached
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """The 2D slices of prepared (or cached) volumes, cropped or padded to ``size``: items are
+    ``(image (1, H, W) float32, label (H, W) int64)`` when ``labeled``, else ``(image,)``.
+
+    Larger slices are cropped (random offsets when ``random_crop``, from a generator seeded by ``seed``; else
+    centred); smaller ones are padded, centred, with the volume's minimum value (labels with 0).
+    ``slice_volume_index[i]`` is the volume slice i comes from.
+    """
+
+    def __init__(self, volumes: Sequence[Any], size: Any, labeled: bool, random_crop: bool, seed: int = 0):
+        self.volumes = list(volumes)
+        pair = [size, size] if isinstance(size, int) else list(size)
+        if len(pair) != 2 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in pair):
+            raise ValueError(f"slice size must be two positive integers, got {size!r}")
+        self.size = (int(pair[0]), int(pair[1]))
+        self.labeled = labeled
+        self.random_crop = random_crop
+        self.rng = np.random.default_rng(seed)
+        if labeled and any(v.label is None for v in self.volumes):
+            raise ValueError("a labeled slice dataset needs a label for every volume")
+        self.minimums = [float(v.minimum) if hasattr(v, "minimum") else float(np.min(v.image))
+                         for v in self.volumes]
+        self.slice_volume_index: list[int] = []
+        self.slice_index: list[int] = []
+        for vi, volume in enumerate(self.volumes):
+            n = int(volume.image.shape[0])
+            self.slice_volume_index += [vi] * n
+            self.slice_index += range(n)
+
+    def __len__(self) -> int:
+        return len(self.slice_index)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random crops from ``seed``, so an epoch's crops do not depend on the epochs before it."""
+        self.rng = np.random.default_rng(seed)
+
+    def _window(self, have: int, want: int) -> tuple[int, int, int]:
+        """(start in the slice, length taken, offset in the output) along one axis."""
+        if have > want:
+            start = int(self.rng.integers(0, have - want + 1)) if self.random_crop else (have - want) // 2
+            return start, want, 0
+        return 0, have, (want - have) // 2
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        vi, si = self.slice_volume_index[i], self.slice_index[i]
+        volume = self.volumes[vi]
+        height, width = volume.image.shape[1:]
+        (r0, rn, ro), (c0, cn, co) = self._window(height, self.size[0]), self._window(width, self.size[1])
+        image = np.full(self.size, self.minimums[vi], dtype=np.float32)
+        image[ro:ro + rn, co:co + cn] = volume.image[si, r0:r0 + rn, c0:c0 + cn]
+        if not self.labeled:
+            return (torch.from_numpy(image)[None],)
+        label = np.zeros(self.size, dtype=np.int64)
+        label[ro:ro + rn, co:co + cn] = volume.label[si, r0:r0 + rn, c0:c0 + cn]
+        return torch.from_numpy(image)[None], torch.from_numpy(label)
+
+
+def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: torch.Generator, *,
+            max_rotation_deg: float = 15.0, scale_range: tuple[float, float] = (0.9, 1.1),
+            flip_prob: float = 0.5, gain_range: tuple[float, float] = (0.9, 1.1), max_bias: float = 0.1
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Random rotation, scaling and column flip (one affine per sample, applied alike to image and label:
+    bilinear and nearest), then intensity gain and bias on the normalised values.
+
+    Reproducible from ``generator`` (a CPU generator: the parameters are drawn on the CPU, the warp runs on the
+    images' device, so a GPU run does not stall on host-side resampling); unlabeled batches pass ``labels=None``.
+    """
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
+    if labels is not None and tuple(labels.shape) != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"labels must be (B, H, W) matching the images, got {tuple(labels.shape)}")
+    b, _, h, w = images.shape
+    u = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    angle = (2 * u[:, 0] - 1) * math.radians(max_rotation_deg)
+    scale = scale_range[0] + (scale_range[1] - scale_range[0]) * u[:, 1]
+    flip = torch.where(u[:, 2] < flip_prob, -1.0, 1.0).to(torch.float64)
+    gain = gain_range[0] + (gain_range[1] - gain_range[0]) * u[:, 3]
+    bias = (2 * u[:, 4] - 1) * max_bias
+    # Output -> input map in pixel units is R(angle) / scale with x flipped; conjugate by the pixel size so
+    # the rotation stays a rotation on non-square slices in affine_grid's normalised coordinates.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = cos * flip
+    theta[:, 0, 1] = -sin * h / w
+    theta[:, 1, 0] = sin * flip * w / h
+    theta[:, 1, 1] = cos
+    grid = F.affine_grid(theta.to(images.device, torch.float32), [b, 1, h, w], align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out * gain.to(out).view(b, 1, 1, 1) + bias.to(out).view(b, 1, 1, 1)
+    out = out.to(images.dtype)
+    if labels is not None:
+        moved = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border",
+                              align_corners=False)
+        labels = moved[:, 0].round().long()
+    return out, labels
+
