@@ -238,12 +238,13 @@ def test_epoch_batches_warm_up_device_and_replay():
         return [next(batches) for _ in range(count)]
 
     warm = first_batches(1, 2)
-    assert all(x_u is None for _, _, x_u in warm)  # the warm-up epoch sees labeled slices only
-    x_l, y_l, x_u = first_batches(2, 1)[0]
+    assert all(x_u is None and a is None for _, _, x_u, a in warm)  # the warm-up epoch sees labeled slices only
+    x_l, y_l, x_u, augmentation = first_batches(2, 1)[0]
     assert x_l.shape == (4, 1, 16, 16) and y_l.shape == (4, 16, 16) and x_u.shape == (4, 1, 16, 16)
+    assert augmentation.theta.shape == (4, 2, 3), "unlabeled slices come with their augmentation, unapplied"
     assert x_l.dtype == torch.float32 and y_l.dtype == torch.long and x_l.device == cpu
     assert set(y_l.unique().tolist()) <= {0, 1}
     again = first_batches(2, 3)  # a resumed epoch replays the same augmented batches
     for a, b in zip(first_batches(2, 3), again):
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and torch.equal(a[3].theta, b[3].theta)
     assert not torch.equal(first_batches(3, 1)[0][0], x_l)  # another epoch, other batches

@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DICE_FORMS = ("pooled", "per-class")  # how (2) combines the classes: see losses.WeightedDiceLoss
 LR_SCHEDULES = ("constant", "poly")
 MODEL_SELECTIONS = ("best", "final")
+PSEUDO_LABELS = ("prediction", "unaugmented")
 DISCRIMINATOR_STRIDES = (1, 2, 4, 8, 16, 32)
 
 
@@ -60,6 +61,9 @@ class TrainConfig:
                                 type=int)
     semi_rampup_epochs: int = option(0, "lambda_semi grows linearly over this many epochs after the warm-up "
                                      "(not in the paper)", type=int)
+    pseudo_labels: str = option("prediction", "the pseudo-labels of L_semi: the argmax of the prediction itself "
+                                "(the paper), or of S on the unlabeled slice before augmentation, warped with it "
+                                "(a consistency variant, not in the paper)", choices=PSEUDO_LABELS)
     confidence_on_unlabeled: bool = option(False, "D also learns S's unlabeled predictions as fakes (Hung et "
                                            "al.'s code; not in the paper)")
     class_weights: Optional[list[float]] = option(None, "one weight per class for the Dice losses (default: "
@@ -90,7 +94,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
-        for name, allowed in (("method", METHODS), ("lr_schedule", LR_SCHEDULES),
+        for name, allowed in (("method", METHODS), ("lr_schedule", LR_SCHEDULES), ("pseudo_labels", PSEUDO_LABELS),
                               ("model_selection", MODEL_SELECTIONS), ("dice_form", DICE_FORMS),
                               ("slice_axis", SLICE_AXES), ("device", DEVICES), ("precision", PRECISIONS),
                               ("discriminator_stride", DISCRIMINATOR_STRIDES)):

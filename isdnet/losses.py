@@ -137,8 +137,11 @@ class SemiSupervisedLoss(nn.Module):
         return (torch.sigmoid(confidence_logits.detach().float()) > self.threshold).float()
 
     def forward(self, probabilities: torch.Tensor, confidence_logits: torch.Tensor,
-                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pseudo = F.one_hot(probabilities.detach().argmax(1), probabilities.shape[1]).permute(0, 3, 1, 2)
+                weights: Optional[torch.Tensor] = None, pseudo_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pseudo_labels`` (N, H, W) replace the prediction's own argmax (the paper's Ybar) when given."""
+        if pseudo_labels is None:
+            pseudo_labels = probabilities.detach().argmax(1)
+        pseudo = F.one_hot(pseudo_labels, probabilities.shape[1]).permute(0, 3, 1, 2)
         pixel_weights = self.confident_mask(confidence_logits)
         if weights is not None:
             pixel_weights = pixel_weights * weights.detach().float().view(-1, 1, 1, 1)

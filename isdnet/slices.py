@@ -105,22 +105,42 @@ class SliceDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image)[None], torch.from_numpy(label)
 
 
-def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: torch.Generator, *,
-            max_rotation_deg: float = 15.0, scale_range: tuple[float, float] = (0.9, 1.1),
-            flip_prob: float = 0.5, gain_range: tuple[float, float] = (0.9, 1.1), max_bias: float = 0.1
-            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Random rotation, scaling and column flip (one affine per sample, applied alike to image and label:
-    bilinear and nearest), then intensity gain and bias on the normalised values.
+@dataclass
+class Augmentation:
+    """One batch's random rotation, scaling and column flip (an affine per sample) and intensity gain and bias,
+    drawn once (``draw_augmentation``) so that it can warp images and, alike, their labels or pseudo-labels."""
 
-    Reproducible from ``generator`` (a CPU generator: the parameters are drawn on the CPU, the warp runs on the
-    images' device, so a GPU run does not stall on host-side resampling); unlabeled batches pass ``labels=None``.
-    """
-    if images.dim() != 4 or images.shape[1] != 1:
-        raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
-    if labels is not None and tuple(labels.shape) != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"labels must be (B, H, W) matching the images, got {tuple(labels.shape)}")
-    b, _, h, w = images.shape
-    u = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    theta: torch.Tensor  # (B, 2, 3) output -> input maps in affine_grid's normalised coordinates, float64 CPU
+    gain: torch.Tensor  # (B,)
+    bias: torch.Tensor  # (B,)
+
+    def apply(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Warp ``images`` (B, 1, H, W) bilinearly and ``labels`` (B, H, W) with nearest neighbours, then change
+        the images' intensities; on the images' device."""
+        if images.dim() != 4 or images.shape[1] != 1 or len(images) != len(self.theta):
+            raise ValueError(f"images must be (B, 1, H, W) with B = {len(self.theta)}, got {tuple(images.shape)}")
+        if labels is not None and tuple(labels.shape) != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"labels must be (B, H, W) matching the images, got {tuple(labels.shape)}")
+        b, _, h, w = images.shape
+        grid = F.affine_grid(self.theta.to(images.device, torch.float32), [b, 1, h, w], align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = out * self.gain.to(out).view(b, 1, 1, 1) + self.bias.to(out).view(b, 1, 1, 1)
+        out = out.to(images.dtype)
+        if labels is not None:
+            moved = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border",
+                                  align_corners=False)
+            labels = moved[:, 0].round().long()
+        return out, labels
+
+
+def draw_augmentation(batch: int, height: int, width: int, generator: torch.Generator, *,
+                      max_rotation_deg: float = 15.0, scale_range: tuple[float, float] = (0.9, 1.1),
+                      flip_prob: float = 0.5, gain_range: tuple[float, float] = (0.9, 1.1), max_bias: float = 0.1
+                      ) -> Augmentation:
+    """Draw a batch's augmentation, reproducibly from ``generator`` (a CPU generator: the parameters are drawn on
+    the CPU, the warp runs on the images' device, so a GPU run does not stall on host-side resampling)."""
+    u = torch.rand(batch, 5, generator=generator, dtype=torch.float64)
     angle = (2 * u[:, 0] - 1) * math.radians(max_rotation_deg)
     scale = scale_range[0] + (scale_range[1] - scale_range[0]) * u[:, 1]
     flip = torch.where(u[:, 2] < flip_prob, -1.0, 1.0).to(torch.float64)
@@ -129,18 +149,18 @@ def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: tor
     # Output -> input map in pixel units is R(angle) / scale with x flipped; conjugate by the pixel size so
     # the rotation stays a rotation on non-square slices in affine_grid's normalised coordinates.
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta = torch.zeros(batch, 2, 3, dtype=torch.float64)
     theta[:, 0, 0] = cos * flip
-    theta[:, 0, 1] = -sin * h / w
-    theta[:, 1, 0] = sin * flip * w / h
+    theta[:, 0, 1] = -sin * height / width
+    theta[:, 1, 0] = sin * flip * width / height
     theta[:, 1, 1] = cos
-    grid = F.affine_grid(theta.to(images.device, torch.float32), [b, 1, h, w], align_corners=False)
-    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out * gain.to(out).view(b, 1, 1, 1) + bias.to(out).view(b, 1, 1, 1)
-    out = out.to(images.dtype)
-    if labels is not None:
-        moved = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border",
-                              align_corners=False)
-        labels = moved[:, 0].round().long()
-    return out, labels
+    return Augmentation(theta, gain, bias)
 
+
+def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: torch.Generator, **ranges: Any
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Draw an augmentation for this batch (``draw_augmentation``) and apply it to the images and labels."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    return draw_augmentation(b, h, w, generator, **ranges).apply(images, labels)

@@ -55,7 +55,7 @@ from .modelfile import default_colors, make_header, save_model
 from .networks import ImportanceNet, SUNet, network_class, role_of
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision, to_device
-from .slices import SliceDataset, augment, cache_volumes
+from .slices import Augmentation, SliceDataset, augment, cache_volumes, draw_augmentation
 
 POLY_POWER = 0.9  # Hung et al.'s poly decay
 RESUMABLE_CHANGES = ("epochs", "device", "precision")  # options a resumed run may change
@@ -136,14 +136,15 @@ class Trainer:
             for group in optimiser.param_groups:
                 group["lr"] = self.base_rates[name] * factor
 
-    def train_step(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor,
-                   x_unlabeled: Optional[torch.Tensor] = None) -> dict[str, float]:
+    def train_step(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor, x_unlabeled: Optional[torch.Tensor] = None,
+                   augmentation: Optional[Augmentation] = None) -> dict[str, float]:
         """One iteration: update S, then D (labeled data only), then D0 (labeled and unlabeled features).
 
-        An update whose loss or gradient is not finite is skipped; ``losses["discarded"]`` then counts them.
+        ``augmentation``, when given, is applied to the unlabeled slices here (see ``step_segmenter``). An update
+        whose loss or gradient is not finite is skipped; ``losses["discarded"]`` then counts them.
         """
         self.discarded = []
-        step = self.step_segmenter(x_labeled, y_labeled, x_unlabeled)
+        step = self.step_segmenter(x_labeled, y_labeled, x_unlabeled, augmentation)
         losses = dict(step.losses)
         if self.discriminator is not None:
             losses["d"] = self.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled)
@@ -156,15 +157,25 @@ class Trainer:
         return values
 
     def step_segmenter(self, x_labeled: torch.Tensor, y_labeled: torch.Tensor,
-                       x_unlabeled: Optional[torch.Tensor] = None) -> SegmenterStep:
+                       x_unlabeled: Optional[torch.Tensor] = None,
+                       augmentation: Optional[Augmentation] = None) -> SegmenterStep:
         """(1) L_seg = L_Dice + lambda_adv L_wadv + lambda_semi L_wsemi; D and D0 are frozen here.
 
         Labeled and unlabeled slices go through S as one batch (group norm is per sample, so this equals two
-        passes). Unlabeled slices are only used when the method has a discriminator.
+        passes). Unlabeled slices are only used when the method has a discriminator. They are augmented here
+        with ``augmentation``; with ``pseudo_labels="unaugmented"`` the pseudo-labels of L_semi are S's argmax on
+        the slices before augmentation, warped alike (no gradient), instead of the prediction's own argmax.
         """
         cfg = self.config
         n_labeled = len(x_labeled)
         semi = x_unlabeled is not None and self.discriminator is not None
+        pseudo = None
+        if semi:
+            if cfg.pseudo_labels == "unaugmented":
+                with torch.no_grad(), autocast(self.device, self.dtype):
+                    pseudo = self.segmenter(x_unlabeled).argmax(1)
+            if augmentation is not None:
+                x_unlabeled, pseudo = augmentation.apply(x_unlabeled, pseudo)
         x = torch.cat([x_labeled, x_unlabeled]) if semi else x_labeled
         for net in (self.discriminator, self.importance):
             if net is not None:
@@ -193,7 +204,8 @@ class Trainer:
             total = total + cfg.lambda_adv * loss_adv
             losses["adv"] = loss_adv.detach()
             if semi:
-                loss_semi = self.semi(probabilities[n_labeled:], confidence_logits[n_labeled:], weights[n_labeled:])
+                loss_semi = self.semi(probabilities[n_labeled:], confidence_logits[n_labeled:], weights[n_labeled:],
+                                      pseudo)
                 total = total + cfg.lambda_semi * self.semi_scale * loss_semi
                 losses["semi"] = loss_semi.detach()
                 confident = self.semi.confident_mask(confidence_logits[n_labeled:]).mean()
@@ -336,10 +348,14 @@ def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int, group: 
 
 def epoch_batches(labeled_set: SliceDataset, unlabeled_set: Optional[SliceDataset], config: TrainConfig, epoch: int,
                   device: torch.device, group: ProcessGroup,
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-    """Epoch ``epoch``'s endless (labeled images, labels, unlabeled images or None), moved to ``device`` and augmented
-    there; fixed by the seed and the epoch, so a resumed epoch replays the same batches. Unlabeled images come
-    after the warm-up epochs only."""
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[Augmentation]]]:
+    """Epoch ``epoch``'s endless (labeled images, labels, unlabeled images or None, their augmentation or None),
+    moved to ``device``; fixed by the seed and the epoch, so a resumed epoch replays the same batches.
+
+    Labeled batches come augmented. Unlabeled ones come as they are, with the augmentation drawn for them, which
+    the trainer applies (to the pseudo-labels too, when they come from the unaugmented slices). Unlabeled images
+    come after the warm-up epochs only.
+    """
     seed = config.seed * 100_003 + epoch
     pin = device.type == "cuda"
     labeled_set.reseed(seed)
@@ -354,11 +370,12 @@ def epoch_batches(labeled_set: SliceDataset, unlabeled_set: Optional[SliceDatase
         x_l, y_l = next(labeled)
         x_l, y_l = to_device(x_l, device), y_l.to(device, non_blocking=True)
         x_u = to_device(next(unlabeled)[0], device) if unlabeled is not None else None
+        augmentation_u = None
         if config.augment:
             x_l, y_l = augment(x_l, y_l, augmenter)
             if x_u is not None:
-                x_u, _ = augment(x_u, None, augmenter_unlabeled)
-        yield x_l, y_l, x_u
+                augmentation_u = draw_augmentation(len(x_u), *x_u.shape[-2:], augmenter_unlabeled)
+        yield x_l, y_l, x_u, augmentation_u
 
 
 def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume], num_classes: int,
@@ -499,14 +516,14 @@ class _TrainingRun:
         for epoch in range(state["epoch"] + 1, self.epochs + 1):
             batches = epoch_batches(self.labeled_set, self.unlabeled_set, config, epoch, self.device, self.group)
             for iteration in range(1, self.steps + 1):
-                x_l, y_l, x_u = next(batches)
+                x_l, y_l, x_u, augmentation_u = next(batches)
                 if iteration <= state["iteration"]:
                     continue  # replayed to restore the data order of a stopped epoch; no compute
                 self.trainer.set_progress(((epoch - 1) * self.steps + iteration - 1) / (self.epochs * self.steps))
                 if config.semi_rampup_epochs:
                     ramp = (epoch - 1 - config.warmup_epochs + (iteration - 1) / self.steps) / config.semi_rampup_epochs
                     self.trainer.semi_scale = min(1.0, max(0.0, ramp))
-                losses = self.trainer.train_step(x_l, y_l, x_u)
+                losses = self.trainer.train_step(x_l, y_l, x_u, augmentation_u)
                 if "discarded" in losses:
                     self.progress.emit("nonfinite", epoch=epoch, iteration=iteration,
                                        message=f"non-finite loss or gradient at epoch {epoch}, iteration "
