@@ -26,8 +26,8 @@ from .runtime import autocast, resolve_device, resolve_precision, to_device
 
 # Pixels in one batch of slices. On a CPU a batch whose activations stay near the caches is fastest: on the 2-core
 # Zen 4 development machine, batches of 2**18 pixels (2 slices of 320 x 320, 1 of 512 x 512) ran 1.27x and 1.38x
-# faster than batches of 16 and 8 (docs/speed.md, run 6). A GPU wants large batches; 2**21 pixels keeps a batch's
-# activations a few hundred MiB (about 585 bytes a pixel at width 32 in bf16).
+# faster than batches of 16 and 8 (docs/speed.md, "Why the code is as it is"). A GPU wants large batches; 2**21
+# pixels keeps a batch's activations a few hundred MiB (about 585 bytes a pixel at width 32 in bf16).
 MAX_BATCH_PIXELS = {"cpu": 2**18, "gpu": 2**21}
 
 

@@ -43,8 +43,8 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
     has native bf16, float32 for training.
 
     Why training stays float32 on the CPU: a bf16 step is 1.2-2.2x faster there, but the demo trained in bf16
-    ended 2-6 Dice points lower after the same epochs (docs/speed.md). ``training=False`` (the default) gives the
-    inference policy.
+    ended 2-6 Dice points lower after the same epochs (docs/speed.md, "Why the code is as it is").
+    ``training=False`` (the default) gives the inference policy.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
