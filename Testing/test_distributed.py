@@ -20,7 +20,7 @@ from isdnet.config import TrainConfig
 from isdnet.distributed import ProcessGroup
 from isdnet.infer import segment
 from isdnet.phantoms import write_phantom_dataset
-from isdnet.train import Trainer
+from isdnet.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(base_channels=4, discriminator_channels=4, importance_channels=8, precision="fp32", device="cpu",

@@ -20,7 +20,7 @@ from isdnet.metrics import dice_per_class
 from isdnet.modelfile import LoadedModel, make_header
 from isdnet.networks import SUNet
 from isdnet.phantoms import make_phantom
-from isdnet.train import Trainer
+from isdnet.trainer import Trainer
 from isdnet_bench.cli import main
 
 CPU = torch.device("cpu")

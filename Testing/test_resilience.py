@@ -22,7 +22,8 @@ from isdnet.files import OutputLock, write_atomically
 from isdnet.modelfile import load_model
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress
-from isdnet.train import Trainer, train
+from isdnet.train import train
+from isdnet.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PHANTOM = dict(shape=(12, 48, 48), spacing=(1.5, 1.5, 3.0))

@@ -7,8 +7,8 @@ import torch
 from isdnet.config import TrainConfig
 from isdnet.distributed import ProcessGroup
 from isdnet.networks import ConfidenceNet, ImageClassifierDiscriminator, ImportanceNet, SUNet
-from isdnet.slices import CachedVolume, SliceDataset
-from isdnet.train import Trainer, epoch_batches
+from isdnet.slices import CachedVolume, SliceDataset, epoch_batches
+from isdnet.trainer import Trainer
 
 CPU = torch.device("cpu")
 

@@ -1,9 +1,11 @@
-"""Training slices: prepared volumes cached on disk, a torch Dataset of fixed-size crops, and augmentation."""
+"""Training slices: prepared volumes cached on disk, a torch Dataset of fixed-size crops, augmentation, and each
+epoch's batches."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -11,8 +13,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
 
+from .config import TrainConfig
+from .distributed import ProcessGroup
 from .errors import PathLike
+from .runtime import to_device
 
 
 @dataclass
@@ -164,3 +170,58 @@ def augment(images: torch.Tensor, labels: Optional[torch.Tensor], generator: tor
         raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
     b, _, h, w = images.shape
     return draw_augmentation(b, h, w, generator, **ranges).apply(images, labels)
+
+
+def _shuffled_batches(dataset: SliceDataset, batch_size: int, seed: int, group: ProcessGroup,
+                      pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled batches, the shuffle fixed by ``seed`` so a resumed epoch sees the same batches.
+
+    In a distributed run each rank draws from its own shard of the slices (a DistributedSampler). No worker
+    processes: a batch is a crop of slices already in memory (0.8 ms for 8 of 128 x 128 here), and workers would
+    take cores from the step. ``pin_memory`` (for CUDA) makes the copy to the GPU asynchronous.
+    """
+    if not group.active:
+        generator = torch.Generator().manual_seed(seed)
+        drop_last = len(dataset) >= batch_size
+        while True:
+            yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                                  drop_last=drop_last, pin_memory=pin_memory)
+    sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=True, seed=seed,
+                                 drop_last=len(dataset) >= group.world_size * batch_size)
+    for pass_index in itertools.count():
+        sampler.set_epoch(pass_index)
+        yield from DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                              drop_last=len(sampler) >= batch_size, pin_memory=pin_memory)
+
+
+def epoch_batches(labeled_set: SliceDataset, unlabeled_set: Optional[SliceDataset], config: TrainConfig, epoch: int,
+                  device: torch.device, group: ProcessGroup,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[Augmentation]]]:
+    """Epoch ``epoch``'s endless (labeled images, labels, unlabeled images or None, their augmentation or None),
+    moved to ``device``; fixed by the seed and the epoch, so a resumed epoch replays the same batches.
+
+    Labeled batches come augmented. Unlabeled ones come as they are, with the augmentation drawn for them, which
+    the trainer applies (to the pseudo-labels too, when they come from the unaugmented slices). Unlabeled images
+    come after the warm-up epochs only.
+    """
+    seed = config.seed * 100_003 + epoch
+    pin = device.type == "cuda"
+    labeled_set.reseed(seed)
+    labeled = _shuffled_batches(labeled_set, config.batch_size, seed, group, pin)
+    unlabeled = None
+    if unlabeled_set is not None and epoch > config.warmup_epochs:
+        unlabeled_set.reseed(seed + 7)
+        unlabeled = _shuffled_batches(unlabeled_set, config.batch_size, seed + 7, group, pin)
+    augmenter = torch.Generator().manual_seed(seed + 13)
+    augmenter_unlabeled = torch.Generator().manual_seed(seed + 17)  # labeled augmentation independent of it
+    while True:
+        x_l, y_l = next(labeled)
+        x_l, y_l = to_device(x_l, device), y_l.to(device, non_blocking=True)
+        x_u = to_device(next(unlabeled)[0], device) if unlabeled is not None else None
+        augmentation_u = None
+        if config.augment:
+            x_l, y_l = augment(x_l, y_l, augmenter)
+            if x_u is not None:
+                augmentation_u = draw_augmentation(len(x_u), *x_u.shape[-2:], augmenter_unlabeled)
+        yield x_l, y_l, x_u, augmentation_u
+

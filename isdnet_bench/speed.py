@@ -42,8 +42,9 @@ from isdnet.metrics import dice_per_class
 from isdnet.modelfile import load_model, make_header, save_model
 from isdnet.networks import SUNet, build_network
 from isdnet.runtime import resolve_device, resolve_precision, to_device
-from isdnet.slices import CachedVolume, SliceDataset
-from isdnet.train import Trainer, epoch_batches, train
+from isdnet.slices import CachedVolume, SliceDataset, epoch_batches
+from isdnet.train import train
+from isdnet.trainer import Trainer
 
 GIB = 1024**3
 SECTIONS = ("inference", "memory", "training", "agreement")
