@@ -35,6 +35,27 @@ def test_default_plan_pairs_five_seeds_of_baseline_and_isdnet_seed_major():
     assert by_method["hung"] == by_method["adv"] == by_method["adv-classifier"] == [0, 1, 2]
 
 
+def test_a_named_variant_is_an_isdnet_row_of_its_own_with_its_options():
+    args = parse("--methods", "baseline", "--fractions", "0.125", "--no-full", "--seeds", "0", "1",
+                 "--variant", "unaug:pseudo_labels=unaugmented,lambda_semi=0.5")
+    runs = [r for r in bench_accuracy.plan_runs(args) if r.variant]
+    assert [(r.label, r.seed, r.name) for r in runs] == [("isdnet [unaug]", 0, "isdnet-unaug_1of8_seed0"),
+                                                         ("isdnet [unaug]", 1, "isdnet-unaug_1of8_seed1")]
+    config = bench_accuracy.train_config(args, runs[0])
+    assert (config.method, config.pseudo_labels, config.lambda_semi) == ("isdnet", "unaugmented", 0.5)
+    with pytest.raises(ValueError, match="NAME:OPTION=VALUE"):
+        bench_accuracy.variants(parse("--variant", "no-colon"))
+    records = [dict(key="1/8", method=m, label=label, variant=v, seed=seed, overrides={"x": 1} if v else {},
+                    metrics=dict(dice=d, dice_per_class={"1": d}, global_dice_mean=d, hd95={"1": 1.0}),
+                    train_time_s=1.0, steps=1, labeled_cases=1, history=[])
+               for (m, label, v), seed, d in [(("baseline", "baseline", ""), 0, 0.80),
+                                              (("isdnet", "isdnet [unaug]", "unaug"), 0, 0.82)]]
+    summary = report.summarise(records)
+    assert report.rows_of(summary) == ["baseline", "isdnet [unaug]"]
+    pair = next(p for p in report.paired(summary) if p["method"] == "isdnet [unaug]")
+    assert pair["against"] == "baseline" and pair["differences"] == pytest.approx([2.0])
+
+
 def test_finished_runs_are_reused_only_with_the_same_settings():
     current = {"config": TrainConfig(seed=1).as_json(), "train": ["a", "b"], "test": ["c"]}
     older = {**current, "config": {k: v for k, v in current["config"].items() if k != "discriminator"}}

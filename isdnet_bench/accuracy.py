@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
     parser.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE", dest="set_options",
                         help="any other training option for every run, e.g. cross_entropy=1 (values in JSON)")
+    parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:OPTION=VALUE,...", dest="variants",
+                        help="named isdnet variants, each a row of its own at every fraction and paired seed, e.g. "
+                             "unaugmented:pseudo_labels=unaugmented")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process with cores/jobs threads "
                              "(on a GPU: several runs share the device)")
@@ -119,19 +122,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run of the table: method, labeled fraction (1.0 = full labels), seed and overrides."""
+    """One training run of the table: method, labeled fraction (1.0 = full labels), seed, and the options it
+    changes: a named variant's (a row of its own) or one of the Table 2 grid's."""
 
     method: str
     fraction: float
     seed: int
-    overrides: tuple[tuple[str, float], ...] = ()
+    overrides: tuple[tuple[str, Any], ...] = ()
+    variant: str = ""
 
     @property
     def key(self) -> str:
         return fraction_key(self.fraction)
 
     @property
+    def label(self) -> str:
+        """The table row: the method, or the method and its variant's name."""
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
+
+    @property
     def name(self) -> str:
+        if self.variant:
+            return f"{self.method}-{self.variant}_{self.key.replace('/', 'of')}_seed{self.seed}"
         extra = "".join(f"_{k}{v:g}" for k, v in self.overrides)
         return f"{self.method}_{self.key.replace('/', 'of')}_seed{self.seed}{extra}"
 
@@ -143,6 +155,7 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         methods = [m for m in args.methods if m in PAIRED_METHODS or index < args.ablation_seeds]
         for fraction in args.fractions:
             runs += [Run(method, fraction, seed) for method in methods]
+            runs += [Run("isdnet", fraction, seed, overrides, name) for name, overrides in variants(args).items()]
         if not args.no_full:
             runs.append(Run("baseline", 1.0, seed))
     if args.grid:
@@ -174,19 +187,35 @@ def split_cases(dataset: Path, cases: Sequence[Case], test_fraction: float) -> t
 # One run
 
 
-def set_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--set OPTION=VALUE`` pairs as TrainConfig fields (values parsed as JSON, else kept as strings)."""
+def parse_options(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``OPTION=VALUE`` pairs as TrainConfig fields (values parsed as JSON, else kept as strings)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {}
-    for item in args.set_options:
+    for item in items:
         name, sep, text = item.partition("=")
         if not sep or name not in fields:
-            raise ValueError(f"--set {item!r}: expected OPTION=VALUE with OPTION one of {sorted(fields)}")
+            raise ValueError(f"{flag} {item!r}: expected OPTION=VALUE with OPTION one of {sorted(fields)}")
         try:
             options[name] = json.loads(text)
         except json.JSONDecodeError:
             options[name] = text
     return options
+
+
+def set_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` options, for every run."""
+    return parse_options(args.set_options, "--set")
+
+
+def variants(args: argparse.Namespace) -> dict[str, tuple[tuple[str, Any], ...]]:
+    """The ``--variant NAME:OPTION=VALUE,...`` rows: name -> the options each of its runs changes."""
+    rows = {}
+    for item in args.variants:
+        name, sep, text = item.partition(":")
+        if not sep or not name or not text:
+            raise ValueError(f"--variant {item!r}: expected NAME:OPTION=VALUE[,OPTION=VALUE...]")
+        rows[name] = tuple(parse_options(text.split(","), f"--variant {name}:").items())
+    return rows
 
 
 def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
@@ -221,8 +250,8 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
     metrics_best = score(load_model(best), test_cases, labels, config)[0] if best.is_file() else None
     validation = split_validation(labeled, config.validation_fraction, config.seed)[1]
     record = dict(
-        name=run.name, method=run.method, fraction=run.fraction, key=run.key, seed=run.seed,
-        overrides=dict(run.overrides), config=dataclasses.asdict(config),
+        name=run.name, method=run.method, label=run.label, variant=run.variant, fraction=run.fraction, key=run.key,
+        seed=run.seed, overrides=dict(run.overrides), config=dataclasses.asdict(config),
         labeled_cases=len(labeled) - len(validation), validation_cases=len(validation),
         unlabeled_cases=len(unlabeled) if config.uses_unlabeled else 0,
         steps=result.epochs_run * result.steps_per_epoch, epochs=result.epochs_run, best_epoch=result.best_epoch,
@@ -422,7 +451,7 @@ def run(args: argparse.Namespace) -> None:
         summary=summary,
         paired=paired(summary),
         grid=[dict(overrides=r["overrides"], key=r["key"], seed=r["seed"], dice=r["metrics"]["dice"])
-              for r in records if r["overrides"]],
+              for r in records if r["overrides"] and not r.get("variant")],
         runs=[{k: v for k, v in r.items() if k not in ("settings",)} for r in records],
     )
     markdown = render_markdown(report)

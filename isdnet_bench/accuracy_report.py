@@ -51,13 +51,19 @@ def keys(summary: dict[str, Any]) -> list[str]:
     return fractions + ([FULL] if FULL in found else [])
 
 
+def rows_of(summary: dict[str, Any]) -> list[str]:
+    """The table's rows: the paper's methods in their order, then the named variants."""
+    labels = {cell.split("|")[1] for cell in summary}
+    return [m for m in METHODS if m in labels] + sorted(labels - set(METHODS))
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per (fraction key, method) cell: the runs' test metrics (final model, and best-on-validation), per seed and
     as mean and SD over seeds, and the diagnostics."""
     cells: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(records, key=lambda r: r["seed"]):
-        if not r["overrides"]:
-            cells.setdefault(f"{r['key']}|{r['method']}", []).append(r)
+        if r.get("variant") or not r["overrides"]:  # the Table 2 grid is reported apart
+            cells.setdefault(f"{r['key']}|{r.get('label', r['method'])}", []).append(r)
     summary = {}
     for cell, runs in cells.items():
         classes = sorted(runs[0]["metrics"]["dice_per_class"], key=int)
@@ -84,8 +90,10 @@ def paired(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """For each fraction and comparison of ``COMPARISONS`` with runs of both methods: the seed-by-seed
     differences of test Dice (points) with their mean and 95% interval."""
     rows = []
+    labels = {cell.split("|")[1] for cell in summary}
+    variant_comparisons = [(v, against) for v in sorted(labels - set(METHODS)) for against in ("baseline", "isdnet")]
     for key in keys(summary):
-        for method, against in COMPARISONS:
+        for method, against in (*COMPARISONS, *variant_comparisons):
             a, b = summary.get(f"{key}|{method}"), summary.get(f"{key}|{against}")
             if not a or not b:
                 continue
@@ -170,7 +178,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     diagnostics and targets."""
     summary, meta = report["summary"], report["meta"]
     cell_keys = keys(summary)
-    methods = [m for m in METHODS if any(f"{k}|{m}" in summary for k in cell_keys)]
+    methods = rows_of(summary)
     header = "| method | " + " | ".join(f"{k} labels" for k in cell_keys) + " |"
     rule = "|---|" + "---|" * len(cell_keys)
     lines = [f"# ISDNet ablation (paper Table 3) on {meta['dataset']}", "",
@@ -243,7 +251,7 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
 
     summary = report["summary"]
     cell_keys = [k for k in keys(summary) if k != FULL]
-    methods = [m for m in METHODS if any(f"{k}|{m}" in summary for k in cell_keys)]
+    methods = [m for m in rows_of(summary) if any(f"{k}|{m}" in summary for k in cell_keys)]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
