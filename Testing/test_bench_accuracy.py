@@ -121,7 +121,8 @@ def test_paired_differences_and_targets():
 def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     code = main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
-                 "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"])
+                 "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32",
+                 "--jobs", "2", "--threads", "1"])  # two runs at once, in two processes
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["summary"]) == {"1/2|baseline", "1/2|isdnet"}
