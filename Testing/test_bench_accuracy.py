@@ -138,8 +138,9 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "| isdnet |" in markdown and "Targets" in markdown
     assert "| isdnet |" in capsys.readouterr().out
-    # A second invocation reuses the finished runs instead of training again.
-    assert main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
+    # A second invocation, with no models or logs (another machine), resumes from the records: nothing to train.
+    assert main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path / "elsewhere"),
+                 "--records", str(tmp_path / "runs"), "--report", str(tmp_path / "results"), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["runs_reused"] == 2

@@ -56,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder (Decathlon layout); a splits.json with "
                         "'train' and 'test' case lists fixes the test split")
     parser.add_argument("--out", type=Path, default=Path("bench-output/accuracy"),
-                        help="work folder: models, logs, one JSON per run (reused to resume)")
+                        help="work folder: models and logs of the runs")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="folder of the finished runs' JSON records (small: commit them), from which an "
+                             "interrupted benchmark resumes, also on another machine; default: <out>/runs")
     parser.add_argument("--report", type=Path, default=None,
                         help="report path without extension (.md, .json, .png); default: <out>/results")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -403,6 +406,8 @@ def run(args: argparse.Namespace) -> None:
     train_cases, test_cases = split_cases(args.dataset, spec.cases, args.test_fraction)
     train_cases, test_cases = train_cases[:args.cases], test_cases[:args.test_cases]
     folder = args.out / "runs"
+    records_folder = args.records or folder
+    records_folder.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     report_path = args.report or args.out / "results"
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,7 +415,7 @@ def run(args: argparse.Namespace) -> None:
     plan = plan_runs(args)
     for planned in plan:
         config = train_config(args, planned)
-        record_path = folder / f"{planned.name}.json"
+        record_path = records_folder / f"{planned.name}.json"
         settings = json.loads(json.dumps(dict(config=dataclasses.asdict(config), train=[c.name for c in train_cases],
                                               test=[c.name for c in test_cases])))  # as a record file holds it
         if record_path.is_file():
