@@ -11,6 +11,7 @@ import pytest
 from isdnet.config import TrainConfig
 from isdnet.dataset import Case
 from isdnet_bench import accuracy as bench_accuracy
+from isdnet_bench import accuracy_plan as plan
 from isdnet_bench import accuracy_report as report
 from isdnet_bench.cli import main
 
@@ -24,7 +25,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_default_plan_pairs_five_seeds_of_baseline_and_isdnet_seed_major():
-    runs = bench_accuracy.plan_runs(parse())
+    runs = plan.plan_runs(parse())
     assert len(runs) == 3 * (3 * 5 + 1) + 2 * (3 * 2 + 1)
     assert len({r.name for r in runs}) == len(runs)
     assert [r.seed for r in runs[:16]] == [0] * 16, "every cell of seed 0 comes before seed 1"
@@ -38,13 +39,13 @@ def test_default_plan_pairs_five_seeds_of_baseline_and_isdnet_seed_major():
 def test_a_named_variant_is_an_isdnet_row_of_its_own_with_its_options():
     args = parse("--methods", "baseline", "--fractions", "0.125", "--no-full", "--seeds", "0", "1",
                  "--variant", "unaug:pseudo_labels=unaugmented,lambda_semi=0.5")
-    runs = [r for r in bench_accuracy.plan_runs(args) if r.variant]
+    runs = [r for r in plan.plan_runs(args) if r.variant]
     assert [(r.label, r.seed, r.name) for r in runs] == [("isdnet [unaug]", 0, "isdnet-unaug_1of8_seed0"),
                                                          ("isdnet [unaug]", 1, "isdnet-unaug_1of8_seed1")]
-    config = bench_accuracy.train_config(args, runs[0])
+    config = plan.train_config(args, runs[0])
     assert (config.method, config.pseudo_labels, config.lambda_semi) == ("isdnet", "unaugmented", 0.5)
     with pytest.raises(ValueError, match="NAME:OPTION=VALUE"):
-        bench_accuracy.variants(parse("--variant", "no-colon"))
+        plan.variants(parse("--variant", "no-colon"))
     records = [dict(key="1/8", method=m, label=label, variant=v, seed=seed, overrides={"x": 1} if v else {},
                     metrics=dict(dice=d, dice_per_class={"1": d}, global_dice_mean=d, hd95={"1": 1.0}),
                     train_time_s=1.0, steps=1, labeled_cases=1, history=[])
@@ -59,29 +60,29 @@ def test_a_named_variant_is_an_isdnet_row_of_its_own_with_its_options():
 def test_finished_runs_are_reused_only_with_the_same_settings():
     current = {"config": TrainConfig(seed=1).as_json(), "train": ["a", "b"], "test": ["c"]}
     older = {**current, "config": {k: v for k, v in current["config"].items() if k != "discriminator"}}
-    assert bench_accuracy.same_settings(current, current)
-    assert bench_accuracy.same_settings(older, current), "an option added since, at its default, changes nothing"
-    assert not bench_accuracy.same_settings(older, {**current, "config": {**current["config"], "discriminator": "X"}})
-    assert not bench_accuracy.same_settings(current, {**current, "config": TrainConfig(seed=2).as_json()})
-    assert not bench_accuracy.same_settings(current, {**current, "test": ["d"]})
-    assert not bench_accuracy.same_settings(None, current)
+    assert plan.same_settings(current, current)
+    assert plan.same_settings(older, current), "an option added since, at its default, changes nothing"
+    assert not plan.same_settings(older, {**current, "config": {**current["config"], "discriminator": "X"}})
+    assert not plan.same_settings(current, {**current, "config": TrainConfig(seed=2).as_json()})
+    assert not plan.same_settings(current, {**current, "test": ["d"]})
+    assert not plan.same_settings(None, current)
 
 
 def test_grid_changes_one_hyperparameter_at_a_time():
-    grid = [r for r in bench_accuracy.plan_runs(parse("--grid", "--no-full")) if r.overrides]
+    grid = [r for r in plan.plan_runs(parse("--grid", "--no-full")) if r.overrides]
     assert len(grid) == 2 + 2 + 3
     assert all(len(r.overrides) == 1 and r.method == "isdnet" for r in grid)
 
 
 def test_every_run_gets_the_same_budget_and_keeps_its_final_model():
     args = parse("--steps", "100", "--set", "cross_entropy=0.5", "class_weights=[1,2,3]")
-    configs = [bench_accuracy.train_config(args, r) for r in bench_accuracy.plan_runs(args)]
+    configs = [plan.train_config(args, r) for r in plan.plan_runs(args)]
     assert {c.total_steps for c in configs} == {100}
     assert {c.model_selection for c in configs} == {"final"}
     assert {c.seed for c in configs} == {0, 1, 2, 3, 4}
     assert {c.cross_entropy for c in configs} == {0.5} and configs[0].class_weights == [1, 2, 3]
     with pytest.raises(ValueError, match="OPTION=VALUE"):
-        bench_accuracy.train_config(parse("--set", "no_such_option=1"), bench_accuracy.plan_runs(args)[0])
+        plan.train_config(parse("--set", "no_such_option=1"), plan.plan_runs(args)[0])
 
 
 def test_fraction_labels():
@@ -90,9 +91,9 @@ def test_fraction_labels():
 
 def test_split_without_splits_file_is_fixed_and_disjoint(tmp_path):
     cases = [Case(f"c{i}", tmp_path / f"c{i}.nii.gz", tmp_path / f"l{i}.nii.gz") for i in range(10)]
-    train, test = bench_accuracy.split_cases(tmp_path, cases, 0.2)
+    train, test = plan.split_cases(tmp_path, cases, 0.2)
     assert len(test) == 2 and not {c.name for c in train} & {c.name for c in test}
-    assert bench_accuracy.split_cases(tmp_path, cases, 0.2) == (train, test)
+    assert plan.split_cases(tmp_path, cases, 0.2) == (train, test)
 
 
 def test_paired_differences_and_targets():

@@ -1,12 +1,14 @@
 """The paper's ablation (Table 3) on a Decathlon-layout dataset, as a rerunnable table (``isdnet-bench accuracy``).
 
-Every method of ``train.METHODS`` is trained at each labeled fraction with each seed (the seed draws the labeled
-cases and initialises the networks), plus the full-label ``baseline`` as the upper bound. All runs get the same
-number of optimisation steps of S, whatever the method or fraction, and keep the epoch with the best Dice on a
-validation part of their labeled cases. Each model is scored on a held-out test split at the original grid.
+Every method of ``config.METHODS`` is trained at each labeled fraction with each seed (the seed draws the labeled
+cases and initialises the networks; ``accuracy_plan``), plus the full-label ``baseline`` as the upper bound. All
+runs get the same budget of optimisation steps of S, whatever the method or fraction, with a poly learning-rate
+decay, and the final model is scored on a held-out test split at the original grid (the best epoch on the
+validation part of the labeled cases is scored too, as a second look).
 
-Each run leaves ``runs/<name>.json`` (metrics, per-epoch losses, D0's weights) in the output folder, so an
-interrupted benchmark resumes where it stopped; the report (Markdown, JSON, PNG) is rebuilt from those files.
+Each run leaves a JSON record (metrics per case, per-epoch losses, D's and D0's diagnostics) in ``--records``, so
+an interrupted benchmark resumes where it stopped, also on another machine; the report (``accuracy_report``:
+Markdown, JSON, PNG) is rebuilt from those records.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
-import random
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,6 @@ from safetensors.torch import load_file
 
 from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path
 from isdnet.dataset import Case, load_dataset, split_labeled
-from isdnet.errors import InputError
 from isdnet.geometry import SliceGeometry, prepare_volume
 from isdnet.images import read_image
 from isdnet.infer import segment
@@ -42,13 +40,9 @@ from isdnet.networks import ImportanceNet, SUNet
 from isdnet.progress import Progress
 from isdnet.train import split_validation, train
 
-from .accuracy_report import fraction_key, paired, render_chart, render_markdown, summarise
-
-DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
-# Table 2 of the paper: each hyperparameter varied alone around the defaults, for isdnet.
-PAIRED_METHODS = ("baseline", "isdnet")  # run with every seed; the other methods with the first --ablation-seeds
-GRID = {"lambda_adv": (1e-4, 1e-3, 5e-3), "lambda_semi": (0.5, 1.0, 5.0), "t_semi": (0.0, 0.1, 0.5, 1.0)}
-QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, warmup_epochs=1)
+from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, same_settings, split_cases, train_config
+from .accuracy_report import paired, render_chart, render_markdown, summarise
+from .machine import code_commit, describe_machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,119 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Planning
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One training run of the table: method, labeled fraction (1.0 = full labels), seed, and the options it
-    changes: a named variant's (a row of its own) or one of the Table 2 grid's."""
-
-    method: str
-    fraction: float
-    seed: int
-    overrides: tuple[tuple[str, Any], ...] = ()
-    variant: str = ""
-
-    @property
-    def key(self) -> str:
-        return fraction_key(self.fraction)
-
-    @property
-    def label(self) -> str:
-        """The table row: the method, or the method and its variant's name."""
-        return f"{self.method} [{self.variant}]" if self.variant else self.method
-
-    @property
-    def name(self) -> str:
-        if self.variant:
-            return f"{self.method}-{self.variant}_{self.key.replace('/', 'of')}_seed{self.seed}"
-        extra = "".join(f"_{k}{v:g}" for k, v in self.overrides)
-        return f"{self.method}_{self.key.replace('/', 'of')}_seed{self.seed}{extra}"
-
-
-def plan_runs(args: argparse.Namespace) -> list[Run]:
-    """Seed-major order, so an interrupted benchmark still has every cell for the first seeds."""
-    runs = []
-    for index, seed in enumerate(args.seeds):
-        methods = [m for m in args.methods if m in PAIRED_METHODS or index < args.ablation_seeds]
-        for fraction in args.fractions:
-            runs += [Run(method, fraction, seed) for method in methods]
-            runs += [Run("isdnet", fraction, seed, overrides, name) for name, overrides in variants(args).items()]
-        if not args.no_full:
-            runs.append(Run("baseline", 1.0, seed))
-    if args.grid:
-        for name, values in GRID.items():
-            runs += [Run("isdnet", args.fractions[0], args.seeds[0], ((name, v),))
-                     for v in values if v != getattr(args, name)]
-    return runs
-
-
-def split_cases(dataset: Path, cases: Sequence[Case], test_fraction: float) -> tuple[list[Case], list[Case]]:
-    """Train and test cases: from ``splits.json`` when the dataset has one, else a fixed seeded split."""
-    by_name = {c.name: c for c in cases}
-    splits_path = dataset / "splits.json"
-    if splits_path.is_file():
-        splits = json.loads(splits_path.read_text(encoding="utf-8"))
-        missing = [n for n in splits.get("train", []) + splits.get("test", []) if n not in by_name]
-        if missing or not splits.get("train") or not splits.get("test"):
-            raise InputError(splits_path, "needs non-empty 'train' and 'test' lists of the dataset's labeled cases"
-                             + (f"; unknown: {', '.join(missing[:5])}" if missing else ""))
-        return [by_name[n] for n in splits["train"]], [by_name[n] for n in splits["test"]]
-    order = sorted(by_name)
-    random.Random(0).shuffle(order)
-    n_test = max(1, round(test_fraction * len(order)))
-    test = set(order[:n_test])
-    return [c for c in cases if c.name not in test], [c for c in cases if c.name in test]
-
-
-# ----------------------------------------------------------------------------------------------------
 # One run
-
-
-def parse_options(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """``OPTION=VALUE`` pairs as TrainConfig fields (values parsed as JSON, else kept as strings)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    options = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"{flag} {item!r}: expected OPTION=VALUE with OPTION one of {sorted(fields)}")
-        try:
-            options[name] = json.loads(text)
-        except json.JSONDecodeError:
-            options[name] = text
-    return options
-
-
-def set_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--set`` options, for every run."""
-    return parse_options(args.set_options, "--set")
-
-
-def variants(args: argparse.Namespace) -> dict[str, tuple[tuple[str, Any], ...]]:
-    """The ``--variant NAME:OPTION=VALUE,...`` rows: name -> the options each of its runs changes."""
-    rows = {}
-    for item in args.variants:
-        name, sep, text = item.partition(":")
-        if not sep or not name or not text:
-            raise ValueError(f"--variant {item!r}: expected NAME:OPTION=VALUE[,OPTION=VALUE...]")
-        rows[name] = tuple(parse_options(text.split(","), f"--variant {name}:").items())
-    return rows
-
-
-def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
-    """The run's TrainConfig: the same budget of S steps for every method and fraction, the final model kept."""
-    config = TrainConfig(
-        method=run.method, total_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        discriminator_learning_rate=args.discriminator_learning_rate, lr_schedule=args.lr_schedule,
-        discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
-        lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
-        warmup_epochs=args.warmup_epochs, base_channels=args.base_channels,
-        slice_size=list(args.slice_size) if args.slice_size else None,
-        validation_fraction=args.validation_fraction, model_selection="final", seed=run.seed, device=args.device,
-        precision=args.precision)
-    return dataclasses.replace(config, **set_options(args), **dict(run.overrides))
 
 
 def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
@@ -336,42 +218,8 @@ def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:
             f"{' '.join(args.set_options) or 'no other option set'}; seeds {args.seeds}")
 
 
-def machine() -> str:
-    """CPU model, core count and torch version: what the timings depend on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def commit() -> str:
-    """The git commit of the code that ran, marked dirty when the engine has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "isdnet"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" (isdnet/ modified)" if dirty else "")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command
-
-
-def same_settings(saved: Any, current: dict[str, Any]) -> bool:
-    """True when a finished run was made with the current settings. An option added to TrainConfig after the run
-    counts as the same when it keeps its default, which reproduces the behaviour from before it existed."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-        return False
-    defaults = TrainConfig().as_json()
-    config = {k: v for k, v in current["config"].items() if k in saved["config"] or v != defaults.get(k)}
-    return {**current, "config": config} == saved
 
 
 def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
@@ -447,7 +295,7 @@ def run(args: argparse.Namespace) -> None:
                     done += 1
     summary = summarise(records)
     report = dict(
-        meta=dict(dataset=args.dataset.name, commit=commit(), machine=machine(),
+        meta=dict(dataset=args.dataset.name, commit=code_commit(), machine=describe_machine(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   command="isdnet-bench accuracy " + " ".join(sys.argv[sys.argv.index("accuracy") + 1:])
                   if "accuracy" in sys.argv else " ".join(sys.argv),
