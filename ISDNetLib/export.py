@@ -1,29 +1,31 @@
 """Export volumes and segmentation nodes of a scene to a dataset folder in the Decathlon layout.
 
 Label maps come from the Segmentations logic, in each volume's own geometry; voxels of both images and label
-maps go to disk through Slicer's own volume writer, so geometry is converted by Slicer itself (RAS to LPS).
+maps go to disk with SimpleITK, the geometry converted from Slicer's RAS to ITK's LPS (``volumes.lps_geometry``).
 Class k (k = 1, 2, ...) is the k-th segment of the first labeled segmentation; every labeled segmentation must
 hold the same segment names, otherwise the export stops and names the volume and the differing names.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import slicer.util
 import vtk
 
 from isdnet.config import DATASET_FILE, VOLUME_ENDING
 
-from .volumes import NodeError, require_image_data, temporary_nodes, write_volume
+from .volumes import NodeError, image_from_volume, require_image_data, temporary_nodes
 
 MAX_CLASSES = 255  # label maps are uint8
 
@@ -120,15 +122,6 @@ def label_array(scene: Any, volume: Any, segmentation_node: Any, names: Sequence
     return labels.astype(np.uint8)
 
 
-def write_label_map(scene: Any, labels: np.ndarray, volume: Any, path: Path) -> None:
-    """Write a uint8 label map on ``volume``'s grid through a temporary label map node."""
-    with temporary_nodes(scene):
-        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__isdnet_labels__")
-        slicer.util.updateVolumeFromArray(node, labels)
-        node.CopyOrientation(volume)
-        write_volume(node, path)
-
-
 def case_names(volumes: Sequence[Any]) -> list[str]:
     """File-safe, unique case names from the volumes' names."""
     names: list[str] = []
@@ -141,46 +134,120 @@ def case_names(volumes: Sequence[Any]) -> list[str]:
     return names
 
 
+@dataclass
+class _Item:
+    """One volume to write: where, and for a labeled one its segmentation."""
+
+    volume: Any
+    segmentation: Any
+    case: str
+    folder: str  # imagesTr or imagesUnl
+
+
+class ExportJob:
+    """The export of a dataset folder, one volume a ``step()``, so that a front end stays responsive (a timer calls
+    ``step``; ``cancel`` removes what was written).
+
+    Everything is checked before anything is written. Each step copies one volume's voxels (and label map) out of
+    the scene, on the caller's thread, which MRML needs; compressing and writing the NIfTI files runs on a worker
+    thread meanwhile, with SimpleITK (no MRML there). ``dataset.json`` is written last, so a folder without it is
+    an export that did not finish.
+    """
+
+    def __init__(self, scene: Any, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], folder: Path,
+                 name: str = "ISDNet"):
+        self.scene, self.folder, self.name = scene, Path(folder), name
+        self.classes = dataset_classes(labeled)
+        volumes = [volume for volume, _ in labeled] + list(unlabeled)
+        if len({id(v) for v in volumes}) != len(volumes):
+            raise ValueError("a volume is listed more than once (as labeled and unlabeled, or twice)")
+        for volume in volumes:
+            require_image_data(volume)
+        names = case_names(volumes)
+        self.labeled_cases, self.unlabeled_cases = names[:len(labeled)], names[len(labeled):]
+        self._items = [_Item(v, s, c, "imagesTr") for (v, s), c in zip(labeled, self.labeled_cases)]
+        self._items += [_Item(v, None, c, "imagesUnl") for v, c in zip(unlabeled, self.unlabeled_cases)]
+        self._next = 0
+        self._writes: list[concurrent.futures.Future] = []
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isdnet-export")
+        self.result: Optional[ExportedDataset] = None
+        self.cancelled = False
+
+    @property
+    def fraction(self) -> float:
+        """Share of the volumes handed to the writer so far."""
+        return self._next / max(1, len(self._items))
+
+    def step(self) -> bool:
+        """Take the next volume out of the scene and queue its files; True once the whole export is written."""
+        if self.result is not None or self.cancelled:
+            return True
+        if self._next == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / DATASET_FILE).unlink(missing_ok=True)
+            for sub in ("imagesTr", "labelsTr", "imagesUnl"):
+                shutil.rmtree(self.folder / sub, ignore_errors=True)
+                (self.folder / sub).mkdir()
+        for future in [f for f in self._writes if f.done()]:
+            future.result()  # a failed write stops the export here, with its error
+        if self._next < len(self._items):
+            item = self._items[self._next]
+            image = image_from_volume(item.volume)
+            files = [(image, self.folder / item.folder / f"{item.case}{VOLUME_ENDING}")]
+            if item.segmentation is not None:
+                labels = sitk.GetImageFromArray(
+                    label_array(self.scene, item.volume, item.segmentation, [c.name for c in self.classes]))
+                labels.CopyInformation(image)
+                files.append((labels, self.folder / "labelsTr" / f"{item.case}{VOLUME_ENDING}"))
+            self._writes += [self._writer.submit(sitk.WriteImage, i, str(path), True) for i, path in files]
+            self._next += 1
+            return False
+        for future in self._writes:
+            future.result()
+        self._writer.shutdown()
+        self._write_description()
+        self.result = ExportedDataset(self.folder, self.classes, self.labeled_cases, self.unlabeled_cases)
+        return True
+
+    def run(self) -> ExportedDataset:
+        """The whole export at once (scripts and tests)."""
+        while not self.step():
+            pass
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop exporting and remove the files written so far (the scene is left as it was)."""
+        self.cancelled = True
+        self._writer.shutdown(wait=True, cancel_futures=True)
+        if self._next:
+            for sub in ("imagesTr", "labelsTr", "imagesUnl"):
+                shutil.rmtree(self.folder / sub, ignore_errors=True)
+
+    def _write_description(self) -> None:
+        training = [{"image": f"./imagesTr/{case}{VOLUME_ENDING}", "label": f"./labelsTr/{case}{VOLUME_ENDING}"}
+                    for case in self.labeled_cases]
+        description = {
+            "name": self.name,
+            "description": "Exported from 3D Slicer by ISDNetTrain",
+            "tensorImageSize": "3D",
+            "channel_names": {"0": "image"},
+            "labels": {"0": "background", **{str(c.value): c.name for c in self.classes}},
+            "colors": {str(c.value): list(c.color) for c in self.classes},
+            "numTraining": len(training),
+            "file_ending": VOLUME_ENDING,
+            "training": training,
+            "unlabeled": [f"./imagesUnl/{case}{VOLUME_ENDING}" for case in self.unlabeled_cases],
+        }
+        (self.folder / DATASET_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
+
+
 def export_dataset(scene: Any, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], folder: Path,
                    name: str = "ISDNet") -> ExportedDataset:
-    """Write ``folder``/dataset.json, imagesTr/, labelsTr/ and imagesUnl/ from the scene's nodes.
+    """Write ``folder``/dataset.json, imagesTr/, labelsTr/ and imagesUnl/ from the scene's nodes, at once.
 
     ``labeled``: (volume node, segmentation node) pairs; ``unlabeled``: volume nodes. Everything is checked
-    before anything is written, and earlier exports in the folder are replaced.
+    before anything is written, and an earlier export in the folder is replaced. ``ExportJob`` does the same a
+    volume at a time.
     """
-    folder = Path(folder)
-    classes = dataset_classes(labeled)
-    volumes = [volume for volume, _ in labeled] + list(unlabeled)
-    if len({id(v) for v in volumes}) != len(volumes):
-        raise ValueError("a volume is listed more than once (as labeled and unlabeled, or twice)")
-    for volume in volumes:
-        require_image_data(volume)
-    names = case_names(volumes)
-    labeled_names, unlabeled_names = names[:len(labeled)], names[len(labeled):]
-    label_maps = [label_array(scene, volume, seg, [c.name for c in classes]) for volume, seg in labeled]
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for sub in ("imagesTr", "labelsTr", "imagesUnl"):
-        shutil.rmtree(folder / sub, ignore_errors=True)
-        (folder / sub).mkdir()
-    training = []
-    for (volume, _), labels, case in zip(labeled, label_maps, labeled_names):
-        write_volume(volume, folder / "imagesTr" / f"{case}{VOLUME_ENDING}")
-        write_label_map(scene, labels, volume, folder / "labelsTr" / f"{case}{VOLUME_ENDING}")
-        training.append({"image": f"./imagesTr/{case}{VOLUME_ENDING}", "label": f"./labelsTr/{case}{VOLUME_ENDING}"})
-    for volume, case in zip(unlabeled, unlabeled_names):
-        write_volume(volume, folder / "imagesUnl" / f"{case}{VOLUME_ENDING}")
-    description = {
-        "name": name,
-        "description": "Exported from 3D Slicer by ISDNetTrain",
-        "tensorImageSize": "3D",
-        "channel_names": {"0": "image"},
-        "labels": {"0": "background", **{str(c.value): c.name for c in classes}},
-        "colors": {str(c.value): list(c.color) for c in classes},
-        "numTraining": len(training),
-        "file_ending": VOLUME_ENDING,
-        "training": training,
-        "unlabeled": [f"./imagesUnl/{case}{VOLUME_ENDING}" for case in unlabeled_names],
-    }
-    (folder / DATASET_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
-    return ExportedDataset(folder, classes, labeled_names, unlabeled_names)
+    return ExportJob(scene, labeled, unlabeled, folder, name).run()

@@ -3,17 +3,18 @@
 The child writes its stdout and stderr straight into a log file, and the runner reads that file as it grows:
 ``poll()`` returns the lines that arrived since the last call. Because the child holds no pipe to its parent,
 it can outlive the parent (``detach()``, when the user lets a training finish after closing Slicer), and a
-crash of the parent does not kill it halfway through a write. ``stop()`` ends the whole process tree: the
-child starts a session (process group) of its own.
+crash of the parent does not kill it halfway through a write. ``kill()`` ends the whole process tree, found with
+psutil, so it also reaches the real Python behind a launcher (PythonSlicer) and works alike on every system. No
+console window opens for the child on Windows.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -89,8 +90,9 @@ class ProcessRunner:
                 log.write((command + "\n").encode("utf-8"))
                 self._offset = log.tell()
         options: dict[str, Any] = {}
-        if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        if os.name == "nt":  # no console window (closing it would kill the child), as Slicer's launchConsoleProcess
+            options["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+                                        | subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
         else:
             options["start_new_session"] = True
         with open(path, "ab") as log:  # the child keeps its own handle; ours closes at once
@@ -152,24 +154,28 @@ class ProcessRunner:
         self._process.wait(timeout)
         return self._process.returncode
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """End the child and everything it started: terminate the process group, kill it if it lingers."""
+    def kill(self, grace_s: float = 5.0) -> None:
+        """End the child and every process it started: terminate the whole tree (collected before anything is
+        ended, so a launcher's child is not lost when the launcher exits first), and kill what lingers."""
+        import psutil
+
         process = self._process
         if process is None or process.poll() is not None:
             return
         self._append_log("[stopped by the user]")
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
-        else:
-            for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-                try:
-                    os.killpg(process.pid, sig)  # the group outlives its leader: stragglers get the kill too
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(wait_s)
-                except subprocess.TimeoutExpired:
-                    continue
+        try:
+            root = psutil.Process(process.pid)
+            tree = [*root.children(recursive=True), root]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(alive, timeout=grace_s)
         process.wait()
 
     def detach(self) -> Optional[int]:

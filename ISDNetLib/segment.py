@@ -147,7 +147,7 @@ class SegmentLogic:
         """End the child process (and all it started); nothing is added to the scene."""
         if self.runner.is_running:
             self._cancelled = True
-            self.runner.stop()
+            self.runner.kill()
         self.poll()
 
     @property

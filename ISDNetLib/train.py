@@ -7,6 +7,8 @@ in the widget, a loop in the tests) calls ``poll()``, which reads the new JSON p
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +24,18 @@ from isdnet.config import (
     TrainConfig,
     checkpoint_path,
     has_checkpoint,
+    job_path,
     log_path,
     parse_event,
+    stop_path,
     train_arguments,
 )
 
 from .export import ExportedDataset, export_dataset
 from .runner import ProcessRunner, engine_environment, python_executable
 
+STOPPING_MESSAGE = "Stopping: saving checkpoint..."
+STOP_TIMEOUT_S = 900.0  # how long a stopping training may take to write its checkpoint before it is killed
 SERIES_COLORS = ((0.85, 0.2, 0.2), (0.2, 0.45, 0.85), (0.2, 0.7, 0.3), (0.85, 0.55, 0.1), (0.55, 0.3, 0.75),
                  (0.4, 0.4, 0.4))
 LOG_TAIL_LINES = 15
@@ -64,10 +70,12 @@ class TrainingOptions:
 class TrainingStatus:
     """Where the training stands, for the widget's progress bar and messages.
 
-    ``state`` is one of idle, running, done, stopped, failed, detached (left running as the application closed).
+    ``state`` is one of idle, running, done, stopped, failed, detached (left running as the application closed);
+    ``stopping`` is set while a running training saves its checkpoint after Stop.
     """
 
     state: str = "idle"
+    stopping: bool = False
     epoch: int = 0
     epochs: int = 0
     iteration: int = 0
@@ -89,6 +97,8 @@ class TrainingStatus:
 
     def describe(self) -> str:
         """One line for the progress bar: epoch, iteration and time left."""
+        if self.stopping:
+            return STOPPING_MESSAGE
         if self.state != "running" or not self.epochs:
             return self.message
         text = f"Epoch {max(self.epoch, 1)}/{self.epochs}"
@@ -99,6 +109,24 @@ class TrainingStatus:
             hours, minutes = divmod(minutes, 60)
             text += f", {hours}h{minutes:02d}m left" if hours else f", {minutes}m{seconds:02d}s left"
         return text
+
+
+def write_job(dataset_folder: Path, model_path: Path, options: TrainingOptions) -> None:
+    """Keep beside the model what it is trained on, so that Resume works after Slicer is restarted."""
+    job = {"dataset": str(dataset_folder), "model": str(model_path), "options": options.values,
+           "extra_arguments": options.extra_arguments}
+    job_path(model_path).write_text(json.dumps(job, indent=2), encoding="utf-8")
+
+
+def read_job(model_path: Path) -> tuple[Path, Path, TrainingOptions]:
+    """The dataset folder, model and options ``write_job`` kept for ``model_path``; ValueError if there are none."""
+    path = job_path(model_path)
+    try:
+        job = json.loads(path.read_text(encoding="utf-8"))
+        options = TrainingOptions(dict(job["options"]), list(job["extra_arguments"]))
+        return Path(job["dataset"]), Path(model_path), options
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: no training to resume here ({error})") from None
 
 
 class TrainLogic:
@@ -142,31 +170,50 @@ class TrainLogic:
             self.history.clear()
         kept = TrainingOptions(dict(options.values), list(options.extra_arguments))  # later edits leave the job alone
         self._job = (Path(dataset_folder), Path(model_path), kept)
+        write_job(*self._job)
         self._error_message = ""
         self._stopped = False
+        self._stop_requested = 0.0
         self.status = TrainingStatus(state="running", epochs=options.config.epochs, model_path=str(model_path),
                                      message="Resuming training..." if resume else "Starting training...")
         self._update_table()  # the chart exists (empty, or with the epochs kept for a resume) from the start
         self.runner.start(self.command(dataset_folder, model_path, options, resume), env=engine_environment(),
                           log_path=str(log_path(model_path)))
 
-    def can_resume(self) -> bool:
-        """True when a stopped or failed training of this logic left a checkpoint to continue from."""
-        return (self._job is not None and not self.runner.is_running and self.status.state != "done"
-                and has_checkpoint(self._job[1]))
+    def can_resume(self, model_path: Optional[Path] = None) -> bool:
+        """True when nothing runs and a training of ``model_path`` (default: this logic's last one) left a
+        checkpoint and its job file, also from an earlier Slicer session."""
+        model = Path(model_path) if model_path is not None else (self._job[1] if self._job else None)
+        if model is None or self.runner.is_running or (model_path is None and self.status.state == "done"):
+            return False
+        return has_checkpoint(model) and (self._job is not None and self._job[1] == model or job_path(model).is_file())
 
-    def resume(self) -> None:
-        """Continue the last training from its checkpoint, with the same data and options."""
+    def resume(self, model_path: Optional[Path] = None) -> None:
+        """Continue a training from its checkpoint with the same data and options: this logic's last one, or the
+        one that trained ``model_path`` (read from the job file beside it)."""
+        if model_path is not None and (self._job is None or self._job[1] != Path(model_path)):
+            self._job = read_job(Path(model_path))
         if self._job is None:
             raise ValueError("no training to resume: start one first")
-        dataset_folder, model_path, options = self._job
-        self.start(dataset_folder, model_path, options, resume=True)
+        dataset_folder, model, options = self._job
+        self.start(dataset_folder, model, options, resume=True)
 
     def stop(self) -> None:
-        """End the training and every process it started; the last checkpoint stays for ``resume``."""
+        """Ask the training to stop: it writes a checkpoint at the iteration it reached and exits, so ``resume``
+        loses nothing. ``poll`` reports the stopping meanwhile, and kills the process tree only when the training
+        has not ended ``STOP_TIMEOUT_S`` after the request (then the last epoch's checkpoint stays)."""
+        if self.runner.is_running and self._job is not None and not self.status.stopping:
+            self._stopped = True
+            stop_path(self._job[1]).touch()
+            self._stop_requested = time.monotonic()
+            self.status.stopping = True
+        self.poll()
+
+    def stop_now(self) -> None:
+        """Stop at once, killing the process tree (the last checkpoint written stays for ``resume``)."""
         if self.runner.is_running:
             self._stopped = True
-            self.runner.stop()
+            self.runner.kill()
         self.poll()
 
     def on_application_exit(self, keep_running: bool = False) -> Optional[str]:
@@ -177,6 +224,10 @@ class TrainLogic:
         model = self._job[1] if self._job else None
         if not keep_running:
             self.stop()
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while self.runner.is_running and time.monotonic() < deadline:  # the application waits for the save
+                time.sleep(0.2)
+            self.stop_now()
             return f"ISDNet training stopped as the application closed; its checkpoint is beside {model}."
         pid = self.runner.detach()
         self.status.state = "detached"
@@ -194,6 +245,8 @@ class TrainLogic:
             event = parse_event(line)
             if event is not None:
                 self._handle(event)
+        if self.status.stopping and time.monotonic() - self._stop_requested > STOP_TIMEOUT_S:
+            self.runner.kill()
         if self.status.state == "running" and not self.runner.is_running and self.runner.returncode is not None:
             self._finish(self.runner.returncode)
         return self.status
@@ -231,6 +284,7 @@ class TrainLogic:
 
     def _finish(self, returncode: int) -> None:
         s = self.status
+        s.stopping = False
         s.eta_s = 0.0 if returncode == 0 else s.eta_s
         if self._stopped:
             s.state = "stopped"

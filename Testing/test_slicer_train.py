@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 import slicer_fixture as fx
 
-from isdnet.config import checkpoint_path, log_path
-from ISDNetLib.export import export_dataset
+from isdnet.config import checkpoint_path, log_path, stop_path
+from ISDNetLib.export import ExportJob, export_dataset
 from ISDNetLib.train import TrainingOptions, TrainLogic
 from ISDNetLib.volumes import NodeError, ijk_to_ras
 
@@ -86,6 +86,24 @@ def test_export_keeps_voxels_and_geometry(mrml, tmp_path):
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), expected)
 
 
+def test_export_job_goes_a_volume_a_step_and_cancel_removes_what_it_wrote(mrml, tmp_path):
+    pairs, unlabeled = labeled_scene(mrml.scene, count=2, unlabeled=1)
+    job = ExportJob(mrml.scene, pairs, unlabeled, tmp_path / "ds")
+    fractions = []
+    while not job.step():
+        fractions.append(job.fraction)
+        assert not (tmp_path / "ds" / "dataset.json").exists(), "the description comes last"
+    assert fractions == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert job.result.labeled_cases == ["case_0", "case_1"] and (tmp_path / "ds" / "dataset.json").is_file()
+    assert len(list((tmp_path / "ds").rglob("*.nii.gz"))) == 5
+
+    cancelled = ExportJob(mrml.scene, pairs, unlabeled, tmp_path / "other")
+    cancelled.step()
+    cancelled.cancel()
+    assert cancelled.step() and cancelled.result is None
+    assert not list((tmp_path / "other").rglob("*.nii.gz")) and not (tmp_path / "other" / "dataset.json").exists()
+
+
 def test_export_orders_classes_by_the_first_segmentation(mrml, tmp_path):
     scene = mrml.scene
     image, labels = fx.phantom(seed=0)
@@ -144,9 +162,14 @@ if mode == "ok":
         emit(event="epoch", epoch=epoch, epochs=2, losses={"dice": 0.5 / epoch, "adv": 0.7, "d": 1.3},
              val_dice=0.4 * epoch, best_val_dice=0.4 * epoch, eta_s=0.0, elapsed_s=1.0)
     emit(event="done", model="m.safetensors", best_val_dice=0.8)
-elif mode == "slow":
+elif mode == "slow":  # honours the stop file beside the model, as the engine does
     emit(event="start", epochs=1, iterations_per_epoch=1, start_epoch=1, device="cpu")
-    time.sleep(3)
+    stop = sys.argv[2][:-len(".safetensors")] + ".stop"
+    for _ in range(30):
+        time.sleep(0.1)
+        if os.path.exists(stop):
+            emit(event="stopped", epoch=1, iteration=1, message="training stopped; resume continues from here")
+            sys.exit(0)
     with open(sys.argv[2], "w") as model:
         model.write("weights")
     print("model written after", 3, "s", flush=True)
@@ -235,7 +258,7 @@ def test_failure_is_said_in_plain_words_with_the_log(mrml, tmp_path, mode, reaso
     assert '{"event"' not in status.message
 
 
-def test_stop_ends_the_whole_process_tree(mrml, tmp_path):
+def test_stop_now_ends_the_whole_process_tree(mrml, tmp_path):
     import os
 
     logic = run_fake(mrml, tmp_path, "hang")
@@ -245,7 +268,7 @@ def test_stop_ends_the_whole_process_tree(mrml, tmp_path):
         grandchild = [json.loads(line)["grandchild"] for line in logic.runner.poll() if "grandchild" in line]
         time.sleep(0.05)
     assert grandchild, "the fake training did not start"
-    logic.stop()
+    logic.stop_now()
     assert logic.status.state == "stopped" and not logic.is_running
     assert "no checkpoint to resume from" in logic.status.message
     deadline = time.monotonic() + 10
@@ -331,6 +354,8 @@ def test_training_end_to_end_with_stop_and_resume(mrml, tmp_path):
     poll_until(logic, lambda s: s.state != "running" or (1 in logic.history and s.epoch >= 2), 300)
     assert logic.status.state == "running", logic.status.message
     logic.stop()
+    assert logic.status.stopping and logic.status.describe() == "Stopping: saving checkpoint..."
+    poll_until(logic, lambda s: s.state != "running", 300)
     assert logic.status.state == "stopped"
     assert checkpoint_path(model).is_file() and logic.can_resume()
     assert "Resume continues from the last checkpoint" in logic.status.message
@@ -345,7 +370,55 @@ def test_training_end_to_end_with_stop_and_resume(mrml, tmp_path):
              for i in range(logic.chart_node.GetNumberOfPlotSeriesNodes())]
     assert {"dice", "adv", "semi", "d", "d0", "val_dice"} <= set(names)
     log = log_path(model).read_text()
-    assert "--resume" in log and "[stopped by the user]" in log
+    assert "--resume" in log and "training stopped; resume continues from here" in log
+
+
+SLOW_TRAINING = ("import sys, time\n"
+                 "import isdnet.trainer as t\n"
+                 "step = t.Trainer.train_step\n"
+                 "t.Trainer.train_step = lambda *a, **k: (time.sleep(6), step(*a, **k))[1]\n"
+                 "from isdnet.cli import main\n"
+                 "sys.exit(main(sys.argv[1:]))")
+LAUNCHER = f"""#!{sys.executable}
+# Like PythonSlicer (a CTKAppLauncher): runs the real Python as a child and exits at once on SIGTERM. Here the
+# child's training steps take 6 s each, longer than any fixed grace period a runner could give.
+import signal, subprocess, sys
+args = sys.argv[1:]
+if args[:2] == ["-m", "isdnet"]:
+    args = ["-c", {SLOW_TRAINING!r}, *args[2:]]
+child = subprocess.Popen([sys.executable, *args])
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+sys.exit(child.wait())
+"""
+
+
+@pytest.mark.slow
+def test_stop_through_a_launcher_keeps_the_work_however_slow_a_step(mrml, tmp_path):
+    """Stop asks the training behind the launcher to stop (a stop file), waits for its checkpoint and never kills
+    it: a stop mid-epoch 1 leaves a checkpoint, and the job file lets another logic (a restarted Slicer) resume."""
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    pairs, unlabeled = labeled_scene(mrml.scene, count=2, unlabeled=1)
+    logic = TrainLogic(mrml.scene, python=str(launcher))
+    logic.export_dataset(pairs, unlabeled, tmp_path / "ds")
+    model = tmp_path / "model.safetensors"
+    options = TrainingOptions(dict(epochs=1, steps_per_epoch=4, warmup_epochs=0, **fx.TINY_TRAINING))
+    logic.start(tmp_path / "ds", model, options)
+    poll_until(logic, lambda s: s.state != "running" or s.iteration >= 1, 300)
+    logic.stop()
+    status = poll_until(logic, lambda s: s.state != "running", 120)
+    assert status.state == "stopped", status.message
+    assert checkpoint_path(model).is_file(), "the stopped training saved where it was, in its first epoch"
+    assert not stop_path(model).exists()
+    assert "[stopped by the user]" not in log_path(model).read_text(), "nothing was killed"
+
+    restarted = TrainLogic(mrml.scene, python=sys.executable)  # Slicer restarted: the job comes from its file
+    assert restarted.can_resume(model)
+    restarted.resume(model)
+    status = poll_until(restarted, lambda s: s.state != "running", 300)
+    assert status.state == "done", status.message
+    assert model.is_file() and not restarted.can_resume()
 
 
 def test_dependencies_install_only_what_is_missing(monkeypatch):

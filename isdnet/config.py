@@ -197,6 +197,8 @@ MODEL_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
 PREVIOUS_SUFFIX = ".prev"  # the checkpoint before the newest: name.checkpoint.prev.safetensors
 LOG_SUFFIX = ".log"
+STOP_SUFFIX = ".stop"
+JOB_SUFFIX = ".job.json"
 DATASET_FILE = "dataset.json"
 VOLUME_ENDING = ".nii.gz"  # the volumes the engine and the front ends write: images, label maps, confidence maps
 SEGMENTATION_ENDING = ".seg.nrrd"
@@ -223,6 +225,17 @@ def has_checkpoint(model_path: Path) -> bool:
     """True when a training of this model left a checkpoint to resume from (the newest or the previous one)."""
     newest = checkpoint_path(model_path)
     return newest.is_file() or previous_checkpoint_path(newest).is_file()
+
+
+def stop_path(model_path: Path) -> Path:
+    """The file whose appearance asks a running training of this model to stop: ``name.stop``. Creating it works
+    on every system and reaches the trainer even through a launcher process (PythonSlicer)."""
+    return Path(model_path).with_name(model_stem(model_path) + STOP_SUFFIX)
+
+
+def job_path(model_path: Path) -> Path:
+    """Where a front end keeps what it trained this model on (dataset folder and options), for Resume later."""
+    return Path(model_path).with_name(model_stem(model_path) + JOB_SUFFIX)
 
 
 def log_path(model_path: Path) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_latest, save_checkpoint
-from .config import TrainConfig, checkpoint_path
+from .config import TrainConfig, checkpoint_path, stop_path
 from .dataset import Case
 from .distributed import ProcessGroup, init_from_environment, shutdown
 from .errors import InputError, TrainingError
@@ -95,15 +95,23 @@ def _label_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 
 class StopRequest:
-    """Turns SIGTERM and SIGINT into a request that the loop honours between iterations (main thread only).
+    """A request to stop that the loop honours between iterations: the stop file beside the model appearing (how
+    the Slicer module and the web app ask, on every system), SIGTERM or SIGINT (Ctrl-C; main thread only).
 
-    The Slicer module's Stop sends SIGTERM: training then writes a checkpoint at the iteration it reached and
-    exits cleanly, so Resume loses nothing.
+    Training then writes a checkpoint at the iteration it reached and exits cleanly, so Resume loses nothing. A
+    stop file left from an earlier run is removed when training starts.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, stop_file: Optional[Path] = None) -> None:
+        self.signalled = False
+        self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
+        if stop_file is not None:
+            stop_file.unlink(missing_ok=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.stop_file is not None and self.stop_file.exists())
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -112,11 +120,13 @@ class StopRequest:
         return self
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.signalled = True
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)
 
 
 def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
@@ -124,8 +134,9 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
           resume: bool = False, cache_dir: Optional[Path] = None, best_out: Optional[Path] = None) -> TrainResult:
     """Train on labeled and unlabeled cases and write the best model to ``out`` (safetensors + JSON header).
 
-    A checkpoint is written atomically after every epoch and when a stop is requested (SIGTERM/SIGINT);
-    ``resume`` continues from it, mid-epoch included, and gives the same run as an uninterrupted one.
+    A checkpoint is written atomically after every epoch and when a stop is requested (``config.stop_path(out)``
+    appearing, SIGTERM, SIGINT); ``resume`` continues from it, mid-epoch included, and gives the same run as an
+    uninterrupted one.
     """
     config.validate()
     progress = progress or Progress(json_lines=False)
@@ -140,7 +151,7 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
     if not group.is_main:
         progress = Progress(json_lines=True, stream=open(os.devnull, "w"))  # noqa: SIM115 - rank 0 reports
     try:
-        with OutputLock(out) if group.is_main else contextlib.nullcontext(), StopRequest() as stop, \
+        with OutputLock(out) if group.is_main else contextlib.nullcontext(), StopRequest(stop_path(out)) as stop, \
                 tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
             run = _TrainingRun(labeled, unlabeled, labels, out, config, colors, progress, Path(cache), group)
             run.best_out = best_out
