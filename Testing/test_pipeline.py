@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from isdnet.cli import main
 from isdnet.config import TrainConfig, checkpoint_path
 from isdnet.dataset import load_dataset, split_labeled
+from isdnet.errors import InputError, ModelFileError
 from isdnet.infer import segment
 from isdnet.modelfile import load_model, read_header
 from isdnet.networks import ConfidenceNet, register
@@ -133,6 +135,26 @@ def test_a_registered_discriminator_is_trained_saved_and_gives_confidence_maps(p
     with pytest.raises(ValueError, match="unknown network 'NoSuchNet'"):
         train(spec.cases[:2], [], spec.labels, tmp_path / "x.safetensors", TrainConfig(discriminator="NoSuchNet",
                                                                                          **SMALL))
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_a_model_with_the_same_classes(trained, phantoms, tmp_path):
+    result, _, spec = trained
+    out = tmp_path / "tuned.safetensors"
+    config = TrainConfig(method="isdnet", init_from=str(result.model), epochs=1, steps_per_epoch=1,
+                         warmup_epochs=0, **{**SMALL, "base_channels": 16, "learning_rate": 1e-12})
+    train(spec.cases[:2], spec.cases[2:4], spec.labels, out, config)
+    start, tuned = load_model(result.model), load_model(out)
+    assert tuned.header["geometry"] == start.header["geometry"], "the model's slice geometry is kept"
+    for net in ("segmenter", "confidence"):
+        before, after = getattr(start, net).state_dict(), getattr(tuned, net).state_dict()
+        assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before), f"{net} did not start there"
+    other = {**spec.labels, 2: "tumour"}
+    with pytest.raises(InputError, match="2: 'lesion' in the model, 'tumour' in the data"):
+        train(spec.cases[:2], [], other, tmp_path / "x.safetensors", config)
+    with pytest.raises(ModelFileError, match="base-channels"):
+        train(spec.cases[:2], [], spec.labels, tmp_path / "y.safetensors",
+              TrainConfig(method="baseline", init_from=str(result.model), epochs=1, **SMALL))
 
 
 def oblique_volume(seed=0):

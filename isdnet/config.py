@@ -87,6 +87,8 @@ class TrainConfig:
     validation_fraction: float = option(0.2, "share of the labeled cases held out to validate each epoch",
                                         type=float)
     augment: bool = option(True, "random rotation, scaling, flips and intensity changes of training slices")
+    init_from: Optional[str] = option(None, "start from the networks of this model file (fine-tuning): its classes "
+                                      "must be the data's, and its slice geometry is kept", metavar="MODEL")
     seed: int = option(0, "draws the labeled subset, the validation cases and the initial weights", type=int)
     device: str = option("auto", "where to train (auto: CUDA, then Apple MPS, then the CPU)", choices=DEVICES)
     precision: str = option("auto", "bf16 or fp32 (auto: bf16 on GPUs that have it, fp32 on CPUs)",

@@ -35,7 +35,7 @@ from .geometry import NORMALISATION, ImageGrid, PreparedVolume, SliceGeometry, p
 from .images import read_image, read_label
 from .infer import predict_slices
 from .metrics import dice_per_class
-from .modelfile import default_colors, make_header, save_model
+from .modelfile import LoadedModel, default_colors, load_model, make_header, save_model
 from .progress import Progress
 from .runtime import resolve_device, resolve_precision
 from .slices import SliceDataset, cache_volumes, epoch_batches
@@ -176,9 +176,13 @@ class _TrainingRun:
         unlabeled = list(unlabeled) if config.uses_unlabeled else []
         train_cases, val_cases = split_validation(labeled, config.validation_fraction, config.seed)
         # Two passes, one volume in memory at a time: grids to plan the slice geometry, then slices to the cache.
-        grids = [ImageGrid.of(read_image(case.image)) for case in [*train_cases, *unlabeled]]
-        self.geometry = plan_geometry(grids, config.slice_axis, spacing=config.slice_spacing,
-                                      size=config.slice_size)
+        start = _starting_model(config, labels)
+        if start is not None and config.slice_spacing is None and config.slice_size is None:
+            self.geometry = SliceGeometry.from_dict(start.header["geometry"])  # the features it learnt need it
+        else:
+            grids = [ImageGrid.of(read_image(case.image)) for case in [*train_cases, *unlabeled]]
+            self.geometry = plan_geometry(grids, config.slice_axis, spacing=config.slice_spacing,
+                                          size=config.slice_size)
         self.labeled_set = SliceDataset(cache_volumes(self._prepared(train_cases), cache / "labeled"),
                                         self.geometry.size, labeled=True, random_crop=True, seed=config.seed)
         unlabeled_volumes = cache_volumes(self._prepared(unlabeled), cache / "unlabeled")
@@ -186,6 +190,8 @@ class _TrainingRun:
                                            seed=config.seed) if unlabeled_volumes else None)
         self.val_volumes = list(self._prepared(val_cases))
         self.trainer = Trainer(config, len(self.values), self.device, self.dtype, group)
+        if start is not None:
+            self.trainer.start_from(start, Path(str(config.init_from)))
         self.steps = config.steps_per_epoch or max(1, math.ceil(len(self.labeled_set) / config.batch_size))
         self.epochs = max(1, round(config.total_steps / self.steps)) if config.total_steps else config.epochs
         self.header = _model_header(config, labels, colors, self.geometry, self.trainer, dict(
@@ -321,6 +327,21 @@ class _TrainingRun:
         s = self.state
         return TrainResult(self.out, s["best_val_dice"], s["best_epoch"], s["epoch"], s["history"], stopped,
                            self.steps)
+
+
+def _starting_model(config: TrainConfig, labels: dict[int, str]) -> Optional[LoadedModel]:
+    """The model ``init_from`` names, after checking that its classes are the data's (values and names)."""
+    if not config.init_from:
+        return None
+    path = Path(config.init_from)
+    model = load_model(path)
+    theirs = {int(c["value"]): c["name"] for c in model.header["classes"]}
+    if theirs != labels:
+        differing = [f"{v}: {theirs.get(v, '(none)')!r} in the model, {labels.get(v, '(none)')!r} in the data"
+                     for v in sorted(set(theirs) | set(labels)) if theirs.get(v) != labels.get(v)]
+        raise InputError(path, "its classes differ from the data's, so training cannot start from it: "
+                               + "; ".join(differing))
+    return model
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

@@ -12,6 +12,7 @@ The method option selects the rows of the paper's Tables 1 and 3:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .distributed import ProcessGroup
+from .errors import ModelFileError
 from .losses import (
     AdversarialLoss,
     ConfidenceNetLoss,
@@ -27,7 +29,8 @@ from .losses import (
     WeightedDiceLoss,
     importance_weights,
 )
-from .networks import ImportanceNet, SUNet, network_class, role_of
+from .modelfile import LoadedModel
+from .networks import ImportanceNet, SUNet, architecture, network_class, role_of
 from .runtime import autocast
 from .slices import Augmentation
 
@@ -92,6 +95,20 @@ class Trainer:
         """D when it gives a per-pixel confidence map (its role is "confidence"): the part the model file keeps."""
         d = self.discriminator
         return d if d is not None and role_of(d) == "confidence" else None
+
+    def start_from(self, model: LoadedModel, path: Path) -> None:
+        """Fine-tuning: S (and D, when the model has a confidence network of D's architecture) start from a
+        trained model's weights; D0 and the optimisers start afresh. ModelFileError if S's architecture differs."""
+        if architecture(model.segmenter) != architecture(self.segmenter):
+            raise ModelFileError(path, f"its segmenter is {architecture(model.segmenter)}, but this training builds "
+                                       f"{architecture(self.segmenter)}; train with the model's options "
+                                       "(e.g. --base-channels)")
+        self.segmenter.load_state_dict(model.segmenter.state_dict())
+        d = self.confidence_net
+        if model.confidence is not None and d is not None and architecture(model.confidence) == architecture(d):
+            d.load_state_dict(model.confidence.state_dict())
+        for net in self.networks().values():
+            self.group.broadcast_parameters(net)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """The networks in update order: S, then D, then D0 (absent ones left out)."""
