@@ -20,7 +20,9 @@ import slicer
 import slicer.util
 
 from isdnet.config import CONFIDENCE_SUFFIX, VOLUME_ENDING, Event, parse_event
+from isdnet.modelheader import read_header
 
+from .nodes import CONFIDENCE, PREDICTION, mark, output_of
 from .runner import ProcessRunner, engine_environment, python_executable
 from .volumes import (
     NodeError,
@@ -32,15 +34,7 @@ from .volumes import (
     write_volume,
 )
 
-IN_PROCESS_MAX_VOXELS = 4_000_000  # about 160^3; larger volumes go to a child process
 LOG_TAIL_LINES = 15
-
-
-def read_model_header(model_path: Path) -> dict[str, Any]:
-    """The header of a model file (classes, colours, provenance); raises isdnet's ModelFileError if unusable."""
-    from isdnet.modelfile import read_header
-
-    return read_header(Path(model_path))
 
 
 def foreground_classes(header: dict[str, Any]) -> list[dict[str, Any]]:
@@ -91,12 +85,6 @@ class SegmentLogic:
         self._error_message = ""
         self._cancelled = False
 
-    @staticmethod
-    def needs_background(volume_node: Any) -> bool:
-        """True when the volume is large enough that segmenting it in Slicer's process would freeze Slicer."""
-        require_image_data(volume_node)
-        return int(np.prod(volume_node.GetImageData().GetDimensions())) > IN_PROCESS_MAX_VOXELS
-
     # ----- in this process
     def segment(self, volume_node: Any, model_path: Path, *, device: str = "auto", confidence: bool = False,
                 segmentation_node: Any = None, replace: bool = True,
@@ -133,7 +121,7 @@ class SegmentLogic:
               segmentation_node: Any = None, replace: bool = True) -> None:
         """Start segmenting ``volume_node`` in a child process; follow it with ``poll``, end it with ``cancel``."""
         require_image_data(volume_node)
-        header = read_model_header(Path(model_path))
+        header = read_header(Path(model_path))
         folder = Path(tempfile.mkdtemp(prefix="isdnet-segment-"))
         write_volume(volume_node, folder / "input.nrrd")
         self._job = _Job(volume_node, header, folder, confidence, segmentation_node, replace)
@@ -204,9 +192,10 @@ class SegmentLogic:
         unknown = sorted(set(np.unique(voxels).tolist()) - {0} - {int(c["value"]) for c in classes})
         if unknown:
             raise NodeError(volume_node, f"the label map holds values {unknown} that the model does not name")
-        node = segmentation_node
+        node = segmentation_node or output_of(self.scene, volume_node, PREDICTION)  # a second Apply reuses it
         if node is None:
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+            mark(node, PREDICTION, volume_node)
         if node.GetDisplayNode() is None:
             node.CreateDefaultDisplayNodes()
         segmentation = node.GetSegmentation()
@@ -242,10 +231,15 @@ class SegmentLogic:
             if cls.get("terminology"):
                 segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), str(cls["terminology"]))
             segmentation.SetSegmentIndex(segment_id, first_index + index)
+        node.CreateClosedSurfaceRepresentation()  # shown in 3D, as the other AI extensions do
         self._place_beside(volume_node, node)
         if confidence is not None:
+            previous = output_of(self.scene, volume_node, CONFIDENCE)
+            if previous is not None:
+                self.scene.RemoveNode(previous)
             self.status.confidence_node = volume_from_image(self.scene, confidence, volume_node,
                                                             f"{volume_node.GetName()} confidence")
+            mark(self.status.confidence_node, CONFIDENCE, volume_node)
             self._place_beside(volume_node, self.status.confidence_node)
         return node
 

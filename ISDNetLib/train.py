@@ -7,7 +7,10 @@ in the widget, a loop in the tests) calls ``poll()``, which reads the new JSON p
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import vtk
 from isdnet.config import (
     DATASET_FILE,
     LOSS_TITLES,
+    MODEL_SUFFIX,
     VAL_DICE,
     Event,
     TrainConfig,
@@ -111,6 +115,27 @@ class TrainingStatus:
         return text
 
 
+MODEL_FILE_NAME = "model" + MODEL_SUFFIX
+DATASET_FOLDER_NAME = "dataset"
+
+
+def default_model_path(root: Path, first_volume: str, now: datetime.datetime) -> Path:
+    """A folder of its own for each training, so nothing earlier is overwritten: ``root/<date>-<time>-<first
+    volume>/model.safetensors``, the exported dataset beside the model in ``dataset/``."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", first_volume).strip("._") or "volumes"
+    return Path(root) / f"{now:%Y-%m-%d-%H%M%S}-{name}" / MODEL_FILE_NAME
+
+
+def dataset_folder_for(model_path: Path) -> Path:
+    """Where the data a model is trained on is exported: beside it."""
+    return Path(model_path).parent / DATASET_FOLDER_NAME
+
+
+def would_overwrite(model_path: Path) -> bool:
+    """True when training into ``model_path`` would replace a model or a checkpoint already there."""
+    return Path(model_path).exists() or has_checkpoint(Path(model_path))
+
+
 def write_job(dataset_folder: Path, model_path: Path, options: TrainingOptions) -> None:
     """Keep beside the model what it is trained on, so that Resume works after Slicer is restarted."""
     job = {"dataset": str(dataset_folder), "model": str(model_path), "options": options.values,
@@ -186,7 +211,11 @@ class TrainLogic:
         model = Path(model_path) if model_path is not None else (self._job[1] if self._job else None)
         if model is None or self.runner.is_running or (model_path is None and self.status.state == "done"):
             return False
-        return has_checkpoint(model) and (self._job is not None and self._job[1] == model or job_path(model).is_file())
+        if not has_checkpoint(model):
+            return False
+        if self._job is not None and self._job[1] == model:
+            return (self._job[0] / DATASET_FILE).is_file()
+        return self.exported_data(model) is not None
 
     def resume(self, model_path: Optional[Path] = None) -> None:
         """Continue a training from its checkpoint with the same data and options: this logic's last one, or the
@@ -197,6 +226,26 @@ class TrainLogic:
             raise ValueError("no training to resume: start one first")
         dataset_folder, model, options = self._job
         self.start(dataset_folder, model, options, resume=True)
+
+    def exported_data(self, model_path: Path) -> Optional[Path]:
+        """The dataset folder (copies of the patient images) a training of ``model_path`` was exported to, if it
+        is still there."""
+        try:
+            folder = read_job(Path(model_path))[0]
+        except ValueError:
+            return None
+        return folder if (folder / DATASET_FILE).is_file() or (folder / "imagesTr").is_dir() else None
+
+    def delete_exported_data(self, model_path: Path) -> Optional[Path]:
+        """Delete the exported copies of the patient images of a training of ``model_path`` (not while it runs);
+        the model stays, Resume is no longer possible. Returns the folder deleted, or None."""
+        folder = self.exported_data(model_path)
+        if folder is None:
+            return None
+        if self.runner.is_running and self._job is not None and self._job[0] == folder:
+            raise ValueError(f"{folder}: the training that reads these images is still running; stop it first")
+        shutil.rmtree(folder)
+        return folder
 
     def stop(self) -> None:
         """Ask the training to stop: it writes a checkpoint at the iteration it reached and exits, so ``resume``

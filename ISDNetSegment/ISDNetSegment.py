@@ -26,8 +26,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from isdnet.config import DEVICES
-from ISDNetLib.dependencies import check_dependencies, ensure_dependencies_in_slicer
-from ISDNetLib.segment import SegmentLogic, describe_model, read_model_header
+from isdnet.modelheader import read_header
+from ISDNetLib.dependencies import ENGINE_PACKAGES, check_dependencies, ensure_dependencies_in_slicer
+from ISDNetLib.nodes import PREDICTION, output_kind, use_as_training_label
+from ISDNetLib.segment import SegmentLogic, describe_model
 
 POLL_INTERVAL_MS = 300
 
@@ -92,6 +94,7 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onTimer)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
+        self.ui.useAsLabelButton.connect("clicked(bool)", self.onUseAsLabel)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -148,11 +151,11 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path or not Path(path).is_file():
             self.ui.modelInfoLabel.text = "Choose a model file (.safetensors) trained with ISDNet."
             return
-        if not check_dependencies().ready:
+        if ENGINE_PACKAGES["jsonschema"] in check_dependencies().missing:  # the header is read without torch
             self.ui.modelInfoLabel.text = "Apply will first offer to install PyTorch and the packages ISDNet needs."
             return
         try:
-            header = read_model_header(Path(path))
+            header = read_header(Path(path))
         except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
             self.ui.modelInfoLabel.text = f"This file cannot be used: {error}"
             return
@@ -174,6 +177,8 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = bool(p.inputVolume) and p.modelPath is not None and Path(p.modelPath).is_file()
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.applyButton.enabled = running or ready
+        result = self.logic.status.segmentation_node
+        self.ui.useAsLabelButton.enabled = not running and result is not None and output_kind(result) == PREDICTION
         self.ui.addToExistingCheckBox.enabled = p.outputSegmentation is not None
         self.ui.inputsCollapsibleButton.enabled = not running
 
@@ -187,19 +192,23 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         options = dict(device=p.device, confidence=p.loadConfidence, segmentation_node=p.outputSegmentation,
                        replace=not p.addToExisting)
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
-            if self.logic.needs_background(p.inputVolume):
-                self.logic.start(p.inputVolume, p.modelPath, **options)
-                self.timer.start()
-                self.onTimer()
-                return
-            self.ui.statusLabel.text = f"Segmenting '{p.inputVolume.GetName()}'..."
-            self.logic.segment(p.inputVolume, p.modelPath, progress=self.onSlices, **options)
-        self.showResult()
+        with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
+            # Every volume, small or large, is segmented by a child process: Slicer stays responsive and Cancel
+            # works; the timer imports the result when it is done.
+            self.logic.start(p.inputVolume, p.modelPath, **options)
+            self.timer.start()
+        self.onTimer()
 
-    def onSlices(self, done: int, total: int) -> None:
-        self.ui.progressBar.value = int(100 * done / max(total, 1))
-        slicer.app.processEvents()
+    def onUseAsLabel(self) -> None:
+        """The user corrected the segmentation in the Segment Editor: ISDNet Train offers it as the label of its
+        volume from now on, ready for the next (fine-tuning) training."""
+        node = self.logic.status.segmentation_node
+        if node is None:
+            return
+        use_as_training_label(node)
+        self.ui.statusLabel.text = (f"'{node.GetName()}' is now offered by ISDNet Train as the label of "
+                                    f"'{self._parameterNode.inputVolume.GetName()}'.")
+        self.updateButtons()
 
     def onTimer(self) -> None:
         status = self.logic.poll()

@@ -7,6 +7,7 @@ that a timer polls, so Slicer never blocks.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import tempfile
@@ -27,11 +28,20 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from isdnet.config import DEVICES, METHODS, SLICE_AXES, TrainConfig, model_stem
+from isdnet.config import DEVICES, METHODS, SLICE_AXES, TrainConfig
 from ISDNetLib.dependencies import ensure_dependencies_in_slicer
-from ISDNetLib.train import TrainingOptions, TrainLogic
+from ISDNetLib.export import ExportJob
+from ISDNetLib.nodes import corrected_label, training_volumes, uncorrected_predictions
+from ISDNetLib.train import (
+    TrainingOptions,
+    TrainLogic,
+    dataset_folder_for,
+    default_model_path,
+    would_overwrite,
+)
 
 DEFAULTS = TrainConfig()
+TRAININGS_ROOT = Path(os.path.expanduser("~")) / "ISDNet"  # each training gets a folder of its own here
 
 POLL_INTERVAL_MS = 500
 LOG_LINES_SHOWN = 400
@@ -68,7 +78,8 @@ class ISDNetTrainParameterNode:
     tSemi: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS.t_semi
     sliceAxis: Annotated[str, Choice(list(SLICE_AXES))] = DEFAULTS.slice_axis
     device: Annotated[str, Choice(list(DEVICES))] = DEFAULTS.device
-    outputModelPath: Path = Path(os.path.expanduser("~")) / "ISDNet" / "model.safetensors"
+    outputModelPath: str = ""  # empty: a new folder for each training under TRAININGS_ROOT
+    initModelPath: str = ""  # a model to start from (fine-tuning); empty: from scratch
     keepTrainingOnExit: bool = False
 
 
@@ -84,6 +95,33 @@ class ISDNetTrainLogic(ScriptedLoadableModuleLogic, TrainLogic):
         return ISDNetTrainParameterNode(super().getParameterNode())
 
 
+class QuitGuard(qt.QObject):
+    """Asks, when Slicer is about to close while a training runs: keep training, stop and keep the checkpoint, or
+    cancel the quit (an event filter on the main window, which can refuse its close event)."""
+
+    def __init__(self, widget: ISDNetTrainWidget) -> None:
+        qt.QObject.__init__(self)
+        self.widget = widget
+
+    def eventFilter(self, watched, event) -> bool:
+        logic = self.widget.logic
+        if event.type() != qt.QEvent.Close or logic is None or not logic.is_running:
+            return False
+        box = qt.QMessageBox(qt.QMessageBox.Question, "ISDNet", "An ISDNet training is running. What should happen "
+                             "to it when Slicer closes?", qt.QMessageBox.NoButton, slicer.util.mainWindow())
+        keep = box.addButton("Keep training", qt.QMessageBox.AcceptRole)
+        stop = box.addButton("Stop and keep the checkpoint", qt.QMessageBox.DestructiveRole)
+        box.addButton("Cancel closing", qt.QMessageBox.RejectRole)
+        box.exec_()
+        if box.clickedButton() not in (keep, stop):
+            event.ignore()
+            return True  # Slicer stays open
+        message = logic.on_application_exit(keep_running=box.clickedButton() == keep)
+        if message:
+            logging.info(message)
+        return False
+
+
 class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Volume table, options, Train/Stop, Resume, progress, chart and log."""
 
@@ -95,6 +133,8 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._segmentationSelectors: list = []
         self._tableUpdatePending = False
+        self._export: Optional[ExportJob] = None
+        self._exportModel: Optional[Path] = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -107,7 +147,15 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onTimer)
 
+        self.exportTimer = qt.QTimer()
+        self.exportTimer.setInterval(0)  # a volume a tick, events in between
+        self.exportTimer.connect("timeout()", self.onExportStep)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainOrStop)
+        self.ui.deleteExportedDataButton.connect("clicked(bool)", self.onDeleteExportedData)
+        self.ui.outputModelPathLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
+        self.ui.initModelPathLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
+        self.quitGuard = QuitGuard(self)
+        slicer.util.mainWindow().installEventFilter(self.quitGuard)
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.refreshVolumesButton.connect("clicked(bool)", self.updateVolumeTable)
         self.ui.volumesTable.connect("itemChanged(QTableWidgetItem*)", lambda item: self.saveChoices())
@@ -123,6 +171,8 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """When Slicer closes: stop the timer, and stop a running training unless the user chose to keep it."""
         self.timer.stop()
+        self.exportTimer.stop()
+        slicer.util.mainWindow().removeEventFilter(self.quitGuard)
         if self.logic is not None:
             keep = bool(self._parameterNode and self._parameterNode.keepTrainingOnExit)
             message = self.logic.on_application_exit(keep_running=keep)
@@ -165,6 +215,15 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # The two paths may be empty, which the parameter node's Path connector cannot say: kept by hand.
+            self.ui.outputModelPathLineEdit.currentPath = self._parameterNode.outputModelPath
+            self.ui.initModelPathLineEdit.currentPath = self._parameterNode.initModelPath
+
+    def onPathsChanged(self, *args) -> None:
+        if self._parameterNode:
+            self._parameterNode.outputModelPath = self.ui.outputModelPathLineEdit.currentPath
+            self._parameterNode.initModelPath = self.ui.initModelPathLineEdit.currentPath
+        self.updateButtons()
 
     # ----- the volume table
     def updateVolumeTable(self) -> None:
@@ -172,8 +231,8 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tableUpdatePending = False
         table = self.ui.volumesTable
         state = self.tableChoices() if table.rowCount else self.savedChoices()
-        volumes = [v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                   if not v.IsA("vtkMRMLLabelMapVolumeNode")]
+        volumes = training_volumes(slicer.mrmlScene)  # ISDNet's own outputs are never training data
+        hidden = [node.GetID() for node in uncorrected_predictions(slicer.mrmlScene)]  # nor its predictions labels
         wasBlocked = table.blockSignals(True)
         table.setRowCount(len(volumes))
         self._segmentationSelectors = []
@@ -181,7 +240,9 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item = qt.QTableWidgetItem(volume.GetName())
             item.setData(qt.Qt.UserRole, volume.GetID())
             item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
-            used, segmentation = state.get(volume.GetID(), (True, self.guessSegmentation(volume)))
+            # Only a segmentation the user chose (here, or by "Use as training label" in ISDNet Segment) makes a
+            # volume labeled; none is guessed.
+            used, segmentation = state.get(volume.GetID(), (True, corrected_label(slicer.mrmlScene, volume)))
             item.setCheckState(qt.Qt.Checked if used else qt.Qt.Unchecked)
             table.setItem(row, 0, item)
             selector = slicer.qMRMLNodeComboBox()
@@ -191,20 +252,13 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.addEnabled = False
             selector.removeEnabled = False
             selector.setMRMLScene(slicer.mrmlScene)
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden
             selector.setCurrentNode(segmentation)
             selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.saveChoices())
             table.setCellWidget(row, 1, selector)
             self._segmentationSelectors.append(selector)
         table.blockSignals(wasBlocked)
         self.saveChoices()
-
-    @staticmethod
-    def guessSegmentation(volume):
-        """The segmentation drawn on this volume, if there is exactly one."""
-        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-        matches = [s for s in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
-                   if s.GetNodeReference(role) is volume]
-        return matches[0] if len(matches) == 1 else None
 
     def tableChoices(self) -> dict:
         """volume ID -> (used, segmentation node or None), as the table shows it."""
@@ -250,34 +304,94 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----- training
     def options(self) -> TrainingOptions:
         p = self._parameterNode
-        return TrainingOptions(dict(method=p.method, epochs=p.epochs, lambda_adv=p.lambdaAdv, lambda_semi=p.lambdaSemi,
-                                    t_semi=p.tSemi, slice_axis=p.sliceAxis, device=p.device))
+        values = dict(method=p.method, epochs=p.epochs, lambda_adv=p.lambdaAdv, lambda_semi=p.lambdaSemi,
+                      t_semi=p.tSemi, slice_axis=p.sliceAxis, device=p.device)
+        if p.initModelPath:
+            values["init_from"] = p.initModelPath
+        return TrainingOptions(values)
+
+    def chosenModelPath(self, labeled: list) -> Path:
+        """The model to write: the one chosen, or a new folder of its own for this training."""
+        if self._parameterNode.outputModelPath:
+            return Path(self._parameterNode.outputModelPath)
+        first = labeled[0][0].GetName() if labeled else "volumes"
+        return default_model_path(TRAININGS_ROOT, first, datetime.datetime.now())
 
     def onTrainOrStop(self) -> None:
         if self.logic.is_running:
-            self.logic.stop()
+            self.logic.stop()  # asks; the trainer saves its checkpoint and exits
             self.onTimer()
+            return
+        if self._export is not None:  # the button is Cancel while exporting
+            self._export.cancel()
+            self._export = None
+            self.exportTimer.stop()
+            self.ui.statusLabel.text = "Export cancelled; nothing was trained and the files written were removed."
+            self.updateButtons()
             return
         if not ensure_dependencies_in_slicer():
             return
         labeled, unlabeled = self.selectedData()
-        model = Path(self._parameterNode.outputModelPath)
-        dataset = model.with_name(model_stem(model) + "_dataset")
+        model = self.chosenModelPath(labeled)
+        if would_overwrite(model) and not slicer.util.confirmOkCancelDisplay(
+                f"{model} already holds a model or a checkpoint. Training replaces them. Continue?",
+                windowTitle="ISDNet"):
+            return
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
-            self.ui.statusLabel.text = "Exporting the volumes and segmentations..."
-            slicer.app.processEvents()
-            self.logic.export_dataset(labeled, unlabeled, dataset)
-            self.logic.start(dataset, model, self.options())
+            self._export = ExportJob(slicer.mrmlScene, labeled, unlabeled, dataset_folder_for(model))
+            self._exportModel = model
+            self.exportTimer.start()
+        self.updateButtons()
+
+    def onExportStep(self) -> None:
+        """One volume of the export per tick, so Slicer stays responsive; then training starts."""
+        job = self._export
+        if job is None:
+            return
+        try:
+            done = job.step()
+        except Exception as error:  # noqa: BLE001 - shown to the user, the export is abandoned
+            self._export = None
+            self.exportTimer.stop()
+            slicer.util.errorDisplay(f"The volumes could not be exported: {error}", windowTitle="ISDNet")
+            self.updateButtons()
+            return
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.progressBar.setFormat(f"Exporting volumes {int(round(100 * job.fraction))}%")
+        if not done:
+            return
+        self.exportTimer.stop()
+        self._export = None
+        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+            self.logic.start(job.folder, self._exportModel, self.options())
+            self.ui.outputModelPathLineEdit.currentPath = str(self._exportModel)  # Resume and the log find it again
             self.showChart()
             self.timer.start()
         self.onTimer()
 
     def onResume(self) -> None:
         with slicer.util.tryWithErrorDisplay("Training could not be resumed.", waitCursor=True):
-            self.logic.resume()
+            self.logic.resume(self.resumableModel())
             self.showChart()
             self.timer.start()
         self.onTimer()
+
+    def resumableModel(self) -> Optional[Path]:
+        """The chosen output model, if a training of it can be resumed (also one from an earlier session)."""
+        path = self._parameterNode.outputModelPath if self._parameterNode else ""
+        return Path(path) if path and self.logic.can_resume(Path(path)) else None
+
+    def onDeleteExportedData(self) -> None:
+        """Delete the copies of the patient images exported for the chosen model's training."""
+        model = Path(self._parameterNode.outputModelPath)
+        folder = self.logic.exported_data(model)
+        if folder is None or not slicer.util.confirmOkCancelDisplay(
+                f"Delete the images exported for training, in\n{folder}?\nThe model stays; the training can then "
+                "no longer be resumed.", windowTitle="ISDNet"):
+            return
+        with slicer.util.tryWithErrorDisplay("The exported images could not be deleted."):
+            self.logic.delete_exported_data(model)
+        self.updateButtons()
 
     def onTimer(self) -> None:
         """Read the child's progress into the progress bar, the status line, the chart and the log."""
@@ -315,15 +429,22 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self) -> None:
         if self.logic is None:
             return
-        running = self.logic.is_running
+        running, exporting, stopping = self.logic.is_running, self._export is not None, self.logic.status.stopping
         labeled, _ = self.selectedData()
-        self.ui.trainButton.text = "Stop" if running else "Train"
-        self.ui.trainButton.toolTip = ("End the training process; the last checkpoint is kept for Resume."
-                                       if running else "Export the data and start training.")
-        self.ui.trainButton.enabled = running or bool(labeled)
-        self.ui.resumeButton.enabled = self.logic.can_resume()
-        self.ui.optionsCollapsibleButton.enabled = not running
-        self.ui.volumesCollapsibleButton.enabled = not running
+        self.ui.trainButton.text = "Stopping..." if stopping else "Stop" if running else (
+            "Cancel" if exporting else "Train")
+        self.ui.trainButton.toolTip = ("Stop training: it saves a checkpoint where it is, for Resume." if running else
+                                       "Stop exporting and remove the files written." if exporting else
+                                       "Export the data and start training.")
+        self.ui.trainButton.enabled = (running and not stopping) or exporting or bool(labeled)
+        self.ui.resumeButton.enabled = not exporting and self.resumableModel() is not None
+        self.ui.optionsCollapsibleButton.enabled = not running and not exporting
+        self.ui.volumesCollapsibleButton.enabled = not running and not exporting
+        model = self._parameterNode.outputModelPath if self._parameterNode else ""
+        folder = self.logic.exported_data(Path(model)) if model else None
+        self.ui.exportedDataLabel.text = (f"Patient images exported for training: {folder}" if folder else
+                                          "No exported images for the chosen model.")
+        self.ui.deleteExportedDataButton.enabled = folder is not None and not running
 
 
 class ISDNetTrainTest(ScriptedLoadableModuleTest):

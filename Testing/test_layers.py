@@ -49,7 +49,8 @@ def test_the_cli_and_segment_need_no_benchmark_and_no_unix_only_module():
 
 
 def test_the_contract_and_the_slicer_side_logic_load_without_torch():
-    loaded = imports_after("import isdnet.config, ISDNetLib.train, ISDNetLib.segment, ISDNetLib.export")
+    loaded = imports_after("import isdnet.config, isdnet.modelheader, ISDNetLib.train, ISDNetLib.segment, "
+                           "ISDNetLib.export, ISDNetLib.nodes")
     assert "ISDNetLib" in loaded and "torch" not in loaded
 
 

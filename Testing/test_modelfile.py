@@ -12,14 +12,8 @@ import safetensors.torch
 import torch
 
 from isdnet.errors import ModelFileError
-from isdnet.modelfile import (
-    METADATA_KEY,
-    default_colors,
-    load_model,
-    make_header,
-    read_header,
-    save_model,
-)
+from isdnet.modelfile import default_colors, load_model, make_header, save_model
+from isdnet.modelheader import METADATA_KEY, read_header
 from isdnet.networks import ConfidenceNet, SUNet
 
 

@@ -14,7 +14,8 @@ from isdnet.config import TrainConfig, checkpoint_path
 from isdnet.dataset import load_dataset, split_labeled
 from isdnet.errors import InputError, ModelFileError
 from isdnet.infer import segment
-from isdnet.modelfile import load_model, read_header
+from isdnet.modelfile import load_model
+from isdnet.modelheader import read_header
 from isdnet.networks import ConfidenceNet, register
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress

@@ -15,9 +15,11 @@ import slicer_fixture as fx
 import vtk
 
 from isdnet.config import train_arguments
+from isdnet.modelheader import read_header
 from ISDNetLib.export import export_dataset
+from ISDNetLib.nodes import corrected_label, training_volumes, uncorrected_predictions, use_as_training_label
 from ISDNetLib.runner import engine_environment
-from ISDNetLib.segment import SegmentLogic, describe_model, read_model_header
+from ISDNetLib.segment import SegmentLogic, describe_model
 from ISDNetLib.volumes import NodeError, ijk_to_ras, image_from_volume
 
 
@@ -176,6 +178,22 @@ def test_replace_or_add_to_an_existing_segmentation(mrml, model_path):
     assert segment_names_and_colors(existing) == EXPECTED_SEGMENTS and existing.GetName() == "mine"
 
 
+def test_a_second_apply_reuses_its_nodes_and_outputs_are_never_training_data(mrml, model_path):
+    scene = mrml.scene
+    volume = oblique_float_volume(scene)
+    logic = SegmentLogic(scene)
+    first = logic.segment(volume, model_path, confidence=True)
+    confidence = logic.status.confidence_node
+    assert first.GetSegmentation().ContainsRepresentation("Closed surface"), "shown in 3D"
+    again = logic.segment(volume, model_path, confidence=True)
+    assert again is first and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert scene.GetNodeByID(confidence.GetID()) is None, "the old confidence map is replaced, not kept beside"
+    assert training_volumes(scene) == [volume], "the confidence map is not offered as training data"
+    assert uncorrected_predictions(scene) == [first] and corrected_label(scene, volume) is None
+    use_as_training_label(first)  # the user corrected it in the Segment Editor and says so
+    assert uncorrected_predictions(scene) == [] and corrected_label(scene, volume) is first
+
+
 def test_import_names_every_class_and_sets_terminology(mrml):
     scene = mrml.scene
     volume = fx.add_volume(scene, np.zeros((4, 5, 6), np.int16), "small", (1.0, 2.0, 3.0))
@@ -238,6 +256,6 @@ def test_single_slice_and_non_finite_volumes_are_refused_and_left_unchanged(mrml
 
 
 def test_model_description(model_path):
-    header = read_model_header(model_path)
+    header = read_header(model_path)
     text = describe_model(header)
     assert text.startswith("Classes: 1 liver, 2 tumor") and "Method: isdnet" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -14,7 +15,13 @@ import slicer_fixture as fx
 
 from isdnet.config import checkpoint_path, log_path, stop_path
 from ISDNetLib.export import ExportJob, export_dataset
-from ISDNetLib.train import TrainingOptions, TrainLogic
+from ISDNetLib.train import (
+    TrainingOptions,
+    TrainLogic,
+    dataset_folder_for,
+    default_model_path,
+    would_overwrite,
+)
 from ISDNetLib.volumes import NodeError, ijk_to_ras
 
 
@@ -236,6 +243,25 @@ def test_progress_fills_status_and_plot_nodes(mrml, tmp_path):
     series = chart.GetNthPlotSeriesNode(3)
     assert series.GetTableNodeID() == logic.table_node.GetID() and series.GetYColumnName() == "val_dice"
     assert (tmp_path / "m.log").read_text().count("plain log text") == 1
+
+
+def test_each_training_gets_its_own_folder_and_its_exported_images_can_be_deleted(mrml, tmp_path):
+    model = default_model_path(tmp_path, "Patient 7: T1 (axial)", datetime.datetime(2026, 12, 1, 9, 5, 7))
+    assert model == tmp_path / "2026-12-01-090507-Patient_7_T1_axial" / "model.safetensors"
+    assert not would_overwrite(model)
+    pairs, unlabeled = labeled_scene(mrml.scene, count=1, unlabeled=1)
+    export_dataset(mrml.scene, pairs, unlabeled, dataset_folder_for(model))
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_TRAINING)
+    logic = FakeTrainLogic(mrml.scene, script, "ok")
+    logic.start(dataset_folder_for(model), model, TrainingOptions())
+    assert poll_until(logic, lambda s: s.state != "running", 30).state == "done"
+    assert TrainLogic(mrml.scene).exported_data(model) == model.parent / "dataset", "found again from the job file"
+    model.write_text("weights")
+    assert would_overwrite(model)
+    assert logic.delete_exported_data(model) == model.parent / "dataset"
+    assert not (model.parent / "dataset").exists() and model.is_file(), "the images go, the model stays"
+    assert logic.exported_data(model) is None and logic.delete_exported_data(model) is None
 
 
 def test_status_text_while_running():
