@@ -32,11 +32,13 @@ MAX_CLASSES = 255  # label maps are uint8
 
 @dataclass
 class SegmentClass:
-    """One class of the dataset: its label value, the segment name and colour (0-255) it came from."""
+    """One class of the dataset: its label value, and the segment name, colour (0-255) and terminology entry (empty
+    when the segment has none) it came from."""
 
     value: int
     name: str
     color: tuple[int, int, int]
+    terminology: str = ""
 
 
 @dataclass
@@ -77,7 +79,9 @@ def dataset_classes(labeled: Sequence[tuple[Any, Any]]) -> list[SegmentClass]:
     for value, name in enumerate(names, start=1):
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
         color = tuple(int(round(255 * max(0.0, min(1.0, c)))) for c in segment.GetColor())
-        classes.append(SegmentClass(value, name, color))  # type: ignore[arg-type]
+        terminology = vtk.mutable("")
+        segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+        classes.append(SegmentClass(value, name, color, str(terminology)))  # type: ignore[arg-type]
     return classes
 
 
@@ -234,6 +238,7 @@ class ExportJob:
             "channel_names": {"0": "image"},
             "labels": {"0": "background", **{str(c.value): c.name for c in self.classes}},
             "colors": {str(c.value): list(c.color) for c in self.classes},
+            "terminology": {str(c.value): c.terminology for c in self.classes if c.terminology},
             "numTraining": len(training),
             "file_ending": VOLUME_ENDING,
             "training": training,

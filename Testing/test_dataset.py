@@ -88,6 +88,8 @@ def test_case_names(name, expected):
     (lambda root: _edit(root, training=[{"image": "/etc/passwd", "label": "./labelsTr/case_0.nii.gz"}]),
      "outside the dataset folder"),
     (lambda root: _edit(root, unlabeled=["imagesTr/../../x.nii.gz"]), "outside the dataset folder"),
+    (lambda root: _edit(root, terminology={"9": "SCT^1^x"}), "not a listed label value"),
+    (lambda root: _edit(root, terminology={"1": 3}), "must map label values to terminology entry strings"),
 ])
 def test_dataset_json_errors(tmp_path, mutate, problem):
     root = decathlon_folder(tmp_path / "ds", n=1)

@@ -28,6 +28,9 @@ def mrml():
     return fx.make_scene()
 
 
+LIVER_TERMINOLOGY = "SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes~^^~^^"
+
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     """A one-epoch ISDNet model (with its confidence network) trained on phantoms exported from a scene."""
@@ -38,6 +41,8 @@ def model_path(tmp_path_factory):
         image, labels = fx.phantom((12, 32, 32), seed=n)
         volume = fx.add_volume(scene.scene, image, f"train {n}", (0.8, 0.8, 2.5))
         pairs.append((volume, fx.add_segmentation(scene.scene, volume, labels, fx.ORGAN_NAMES, fx.ORGAN_COLORS)))
+    liver = pairs[0][1].GetSegmentation().GetNthSegment(0)
+    liver.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LIVER_TERMINOLOGY)
     export_dataset(scene.scene, pairs[:2], [pairs[2][0]], folder / "ds")
     model = folder / "model.safetensors"
     subprocess.run([sys.executable, "-m", "isdnet", "train", str(folder / "ds"), "--out", str(model),
@@ -192,6 +197,15 @@ def test_a_second_apply_reuses_its_nodes_and_outputs_are_never_training_data(mrm
     assert uncorrected_predictions(scene) == [first] and corrected_label(scene, volume) is None
     use_as_training_label(first)  # the user corrected it in the Segment Editor and says so
     assert uncorrected_predictions(scene) == [] and corrected_label(scene, volume) is first
+
+
+def test_terminology_goes_from_the_labeled_segments_through_the_model_to_the_result(mrml, model_path):
+    liver, tumor = read_header(model_path)["classes"][1:]
+    assert liver["terminology"] == LIVER_TERMINOLOGY
+    assert "Tissue" in tumor["terminology"], "Slicer's default terminology of a segment is carried too"
+    volume = oblique_float_volume(mrml.scene)
+    node = SegmentLogic(mrml.scene).segment(volume, model_path)
+    assert node.GetSegmentation().GetNthSegment(0).GetTerminology() == LIVER_TERMINOLOGY
 
 
 def test_import_names_every_class_and_sets_terminology(mrml):

@@ -81,13 +81,13 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
     if args.dataset is not None:
         spec = load_dataset(args.dataset)
         labels, cases, unlabeled = spec.labels, spec.cases, list(spec.unlabeled)
-        colors = spec.colors
+        colors, terminology = spec.colors, spec.terminology
     else:
         if not args.labels or len(args.labels) != len(args.images):
             raise ISDNetError("--labels must give one label file per --images entry")
         cases = cases_from_files(args.images, args.labels)
         names = args.label_names or []
-        labels, colors, unlabeled = None, None, []
+        labels, colors, terminology, unlabeled = None, None, None, []
     if args.labeled_fraction < 1.0:
         cases, drawn = split_labeled(cases, args.labeled_fraction, args.seed)
         unlabeled += drawn
@@ -97,7 +97,8 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
     config = config_from_arguments(args)
     if config.class_weights is None:
         config.class_weights = [1.0] * len(labels)  # plain Dice, written into the model's provenance
-    train(cases, unlabeled, labels, args.out, config, colors=colors, progress=progress, resume=args.resume)
+    train(cases, unlabeled, labels, args.out, config, colors=colors, terminology=terminology, progress=progress,
+          resume=args.resume)
 
 
 def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:

@@ -34,7 +34,9 @@ class Case:
 class DatasetSpec:
     """A dataset folder as read from its dataset.json: label values and names, labeled and unlabeled cases.
 
-    ``colors`` (label value -> [r, g, b], 0..255) comes from an optional ``"colors"`` entry, else None.
+    ``colors`` (label value -> [r, g, b], 0..255) comes from an optional ``"colors"`` entry, ``terminology``
+    (label value -> a Slicer terminology entry string, as segments carry it) from an optional ``"terminology"``
+    entry; both else None.
     """
 
     root: Path
@@ -42,6 +44,7 @@ class DatasetSpec:
     cases: list[Case]
     unlabeled: list[Case]
     colors: Optional[dict[int, list[int]]] = None
+    terminology: Optional[dict[int, str]] = None
 
 
 def case_name(path: PathLike) -> str:
@@ -83,7 +86,9 @@ def load_dataset(folder: PathLike) -> DatasetSpec:
         cases = _nnunet_cases(root, meta.get("file_ending", ".nii.gz"), json_path)
     unlabeled = _unlabeled_entries(meta.get("unlabeled", []), root, json_path)
     colors = _parse_colors(meta.get("colors"), labels, json_path)
-    return DatasetSpec(root=root, labels=labels, cases=cases, unlabeled=unlabeled, colors=colors)
+    terminology = _parse_terminology(meta.get("terminology"), labels, json_path)
+    return DatasetSpec(root=root, labels=labels, cases=cases, unlabeled=unlabeled, colors=colors,
+                       terminology=terminology)
 
 
 def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
@@ -138,6 +143,20 @@ def _parse_colors(raw: Any, labels: dict[int, str], json_path: Path) -> Optional
                                         f"got {rgb!r}")
         colors[value] = list(rgb)
     return colors
+
+
+def _parse_terminology(raw: Any, labels: dict[int, str], json_path: Path) -> Optional[dict[int, str]]:
+    """The optional {"value": "terminology entry"} of the labels (an ISDNet addition to dataset.json)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise InputError(json_path, "\"terminology\" must map label values to terminology entry strings")
+    terminology = {}
+    for key, entry in raw.items():
+        if not str(key).isdigit() or int(key) not in labels:
+            raise InputError(json_path, f"\"terminology\" names {key!r}, which is not a listed label value")
+        terminology[int(key)] = entry
+    return terminology
 
 
 def _check_single_channel(meta: dict, json_path: Path) -> None:

@@ -55,6 +55,7 @@ def header_schema(network_names: Optional[dict[str, list[str]]] = None) -> dict[
                         "value": _BYTE,
                         "name": {"type": "string", "minLength": 1},
                         "color": _RGB,
+                        "terminology": {"type": "string", "minLength": 1},
                     },
                 },
             },

@@ -130,7 +130,8 @@ class StopRequest:
 
 
 def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
-          config: TrainConfig, *, colors: Optional[dict[int, list[int]]] = None, progress: Optional[Progress] = None,
+          config: TrainConfig, *, colors: Optional[dict[int, list[int]]] = None,
+          terminology: Optional[dict[int, str]] = None, progress: Optional[Progress] = None,
           resume: bool = False, cache_dir: Optional[Path] = None, best_out: Optional[Path] = None) -> TrainResult:
     """Train on labeled and unlabeled cases and write the best model to ``out`` (safetensors + JSON header).
 
@@ -154,6 +155,9 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         with OutputLock(out) if group.is_main else contextlib.nullcontext(), StopRequest(stop_path(out)) as stop, \
                 tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:
             run = _TrainingRun(labeled, unlabeled, labels, out, config, colors, progress, Path(cache), group)
+            for cls in run.header["classes"]:  # the segments' terminology goes with the model
+                if terminology and cls["value"] in terminology:
+                    cls["terminology"] = terminology[cls["value"]]
             run.best_out = best_out
             return run.run(resume, stop)
     finally:
