@@ -15,7 +15,8 @@ from typing import Optional
 TORCH_REQUIREMENT = ">=2.1"
 # Import name -> pip requirement. numpy, SimpleITK and vtk are left out on purpose: Slicer ships them, and
 # replacing them with pip's builds breaks Slicer.
-ENGINE_PACKAGES = {"safetensors": "safetensors>=0.4", "jsonschema": "jsonschema>=4.0", "psutil": "psutil>=5.9"}
+ENGINE_PACKAGES = {"safetensors": "safetensors>=0.4", "jsonschema": "jsonschema>=4.0", "psutil": "psutil>=5.9",
+                   "slicerio": "slicerio>=1.1"}
 
 
 @dataclass

@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
         unlabeled += drawn
     unlabeled += unlabeled_cases(args.unlabeled)
     if labels is None:
-        labels = _labels_from_files(cases, names)
+        labels, colors, terminology = _labels_from_files(cases, names)
     config = config_from_arguments(args)
     if config.class_weights is None:
         config.class_weights = [1.0] * len(labels)  # plain Dice, written into the model's provenance
@@ -101,17 +101,27 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
           resume=args.resume)
 
 
-def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:
-    """Class values found in the label files, named from ``names`` (background first) or generically."""
+def _labels_from_files(cases, names: Sequence[str]
+                       ) -> tuple[dict[int, str], Optional[dict[int, list[int]]], Optional[dict[int, str]]]:
+    """The classes of listed label files: (names, colours, terminology) by value. Names come from ``names``
+    (background first), else from the segments of a Slicer ``.seg.nrrd`` (with their colours and terminology),
+    else generic ones."""
     from .images import label_values, read_label_map
+    from .segfiles import is_segmentation_file, segments_of
 
     found: set[int] = {0}
     for case in cases:
         found |= set(label_values(read_label_map(case.label)))
-    values = sorted(found)
+    segments = {s.value: s for s in segments_of(cases[0].label)} if is_segmentation_file(cases[0].label) else {}
+    values = sorted(found | set(segments))
     if names and len(names) != len(values):
         raise ISDNetError(f"--label-names gives {len(names)} names but the labels hold {len(values)} values {values}")
-    return {v: (names[i] if names else ("background" if v == 0 else f"class {v}")) for i, v in enumerate(values)}
+    if names:
+        return dict(zip(values, names)), None, None
+    labels = {v: "background" if v == 0 else segments[v].name if v in segments else f"class {v}" for v in values}
+    colors = {v: list(s.color) for v, s in segments.items()} or None
+    terminology = {v: s.terminology for v, s in segments.items() if s.terminology} or None
+    return labels, colors, terminology
 
 
 def run_segment(args: argparse.Namespace, progress: Progress) -> None:

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from .errors import InputError, PathLike
 from .nifti import check_nifti, is_nifti
+from .segfiles import flatten_layers, is_segmentation_file
 
 # Tolerances for "the label is on the image's grid": relative for spacing, in units of the largest spacing
 # for the origin, absolute for the direction cosines.
@@ -103,8 +104,10 @@ def _check_header(path: Path, bytes_per_voxel: int) -> None:
     check_memory(path, voxels * bytes_per_voxel)
 
 
-def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL) -> sitk.Image:
-    """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type.
+def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL,
+              layers: bool = False) -> sitk.Image:
+    """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type (with ``layers``,
+    several components a voxel pass: the layers of a segmentation file).
 
     A file's header is read first and the volume refused if ``bytes_per_voxel`` times its voxels exceeds the
     free memory.
@@ -136,7 +139,7 @@ def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     if image.GetDimension() != 3:
         raise InputError(path, f"is a {image.GetDimension()}D image of size {tuple(size)}, not a 3D volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
+    if image.GetNumberOfComponentsPerPixel() != 1 and not layers:
         raise InputError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (a colour, "
                                "vector or multi-layer image); a single-component 3D volume is needed")
     if 0 in size:
@@ -174,7 +177,10 @@ def read_label_map(path: PathLike) -> sitk.Image:
     """Read a label map on its own (ground truth to score against, a prediction, a label file listed for
     training) as uint8, refusing non-integer values and values outside 0..255."""
     path = Path(path)
-    label = _read_any(path, "a label file", LABEL_BYTES_PER_VOXEL)
+    segmentation = is_segmentation_file(path)
+    label = _read_any(path, "a label file", LABEL_BYTES_PER_VOXEL, layers=segmentation)
+    if label.GetNumberOfComponentsPerPixel() > 1:
+        label = flatten_layers(label, path)
     _, others, non_integer = _label_histogram(sitk.GetArrayViewFromImage(label))
     if non_integer:
         raise InputError(path, f"holds {non_integer} voxels with non-integer values; "
