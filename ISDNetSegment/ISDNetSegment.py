@@ -25,6 +25,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from isdnet import PAPER, PAPER_URL
 from isdnet.config import DEVICES
 from isdnet.modelheader import read_header
 from ISDNetLib.dependencies import ENGINE_PACKAGES, check_dependencies, ensure_dependencies_in_slicer
@@ -42,11 +43,11 @@ class ISDNetSegment(ScriptedLoadableModule):
         self.parent.title = "ISDNet Segment"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["ISDNet for 3D Slicer contributors"]
+        self.parent.contributors = ["ISDNet for 3D Slicer developers (SlicerISDNet project)"]
         self.parent.helpText = (
             "Segment a volume with an ISDNet model trained in ISDNet Train (or with the isdnet command). The "
             "result is a segmentation with one segment per class of the model, ready for the Segment Editor.")
-        self.parent.acknowledgementText = "Based on ISDNet (Ning, Zhao and Qian). Uses PyTorch."
+        self.parent.acknowledgementText = f'Based on <a href="{PAPER_URL}">{PAPER}</a>. Uses PyTorch.'
 
 
 @parameterNodeWrapper

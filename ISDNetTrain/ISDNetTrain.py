@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from isdnet import PAPER, PAPER_URL
 from isdnet.config import DEVICES, METHODS, SLICE_AXES, TrainConfig
 from ISDNetLib.dependencies import ensure_dependencies_in_slicer
 from ISDNetLib.export import ExportJob
@@ -55,13 +56,13 @@ class ISDNetTrain(ScriptedLoadableModule):
         self.parent.title = "ISDNet Train"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["ISDNet for 3D Slicer contributors"]
+        self.parent.contributors = ["ISDNet for 3D Slicer developers (SlicerISDNet project)"]
         self.parent.helpText = (
             "Train an ISDNet segmentation model (importance-guided semi-supervised adversarial learning) on the "
             "volumes of the scene. Volumes with a segmentation are labeled; volumes without are used as unlabeled "
             "data. Classes are the segment names. Training runs in a separate process; Stop and Resume keep the "
             "last checkpoint.")
-        self.parent.acknowledgementText = "Based on ISDNet (Ning, Zhao and Qian). Uses PyTorch."
+        self.parent.acknowledgementText = f'Based on <a href="{PAPER_URL}">{PAPER}</a>. Uses PyTorch.'
 
 
 @parameterNodeWrapper

@@ -4,6 +4,8 @@ exists in the module's .ui file, and every parameter-bound widget names a parame
 from __future__ import annotations
 
 import ast
+import json
+import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -112,8 +114,15 @@ def test_extension_cmake_and_description():
         assert needed in cmake, needed
     for path in (ROOT / "ISDNetLib").glob("*.py"):
         assert f"ISDNetLib/{path.name}" in cmake, f"{path.name} is not installed with the modules"
-    fields = dict(line.split(" ", 1) for line in (ROOT / "ISDNet.s4ext").read_text().splitlines()
-                  if line.strip() and not line.startswith("#"))
-    assert fields["depends"] == "PyTorch" and fields["category"] == "Segmentation"
+    entry = json.loads((ROOT / "ISDNet.json").read_text())
+    # The Extensions Index's catalog-entry schema v1.0.1: required keys, and no key outside its properties.
+    assert {"$schema", "category", "scm_url"} <= set(entry) and entry["$schema"].endswith("schema-v1.0.1.json#")
+    assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                          "build_subdirectory", "enabled", "tier"}
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
+    assert "Slicer" in entry["scm_url"].rsplit("/", 1)[-1], "the index wants the repository named Slicer..."
+    assert re.search(r"project\(ISDNet\)", cmake), "the project is named as the description file"
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert re.search(r'EXTENSION_CONTRIBUTORS "[^"(]+ \([^)]+\)"', cmake), "contributors as Name (Organisation)"
     for image in ("ISDNet.png", "Screenshot.png"):
         assert (ROOT / "Resources" / image).is_file()
