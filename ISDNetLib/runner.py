@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 LOG_LINES_KEPT = 5000
+WINDOWS = os.name == "nt"
 
 
 def python_executable() -> str:
     """Slicer's own Python (PythonSlicer) inside Slicer, else the running interpreter."""
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    name = "PythonSlicer.exe" if WINDOWS else "PythonSlicer"
     beside = Path(sys.executable).with_name(name)
     if beside.is_file():
         return str(beside)
@@ -90,7 +91,7 @@ class ProcessRunner:
                 log.write((command + "\n").encode("utf-8"))
                 self._offset = log.tell()
         options: dict[str, Any] = {}
-        if os.name == "nt":  # no console window (closing it would kill the child), as Slicer's launchConsoleProcess
+        if WINDOWS:  # no console window (closing it would kill the child), as Slicer's launchConsoleProcess
             options["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
                                         | subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
         else:

@@ -33,10 +33,11 @@ def imports_after(code: str, unimportable: tuple[str, ...] = ()) -> set[str]:
     """The top-level modules a fresh interpreter holds after running ``code``, with ``unimportable`` modules made
     impossible to import (as they are on Windows)."""
     block = f"import sys\nfor _name in {unimportable!r}:\n    sys.modules[_name] = None\n"
-    probe = block + code + "\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    probe = (block + code + "\nprint('MODULES', ' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() "
+             "if v is not None})))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return set(done.stdout.split())
+    return set(done.stdout.rsplit("MODULES", 1)[1].split())
 
 
 def test_the_cli_and_segment_need_no_benchmark_and_no_unix_only_module():
@@ -46,6 +47,46 @@ def test_the_cli_and_segment_need_no_benchmark_and_no_unix_only_module():
                            unimportable=("resource", "pwd", "grp", "termios"))
     assert "isdnet" in loaded and "torch" in loaded
     assert not loaded & FRONT_ENDS
+
+
+def test_train_and_segment_run_with_the_unix_only_modules_missing(tmp_path):
+    """What a Slicer child process on Windows does: --help, a one-epoch training and a segmentation, in a Python
+    where resource, pwd, grp and termios cannot be imported."""
+    from isdnet.phantoms import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", 3, seed=1, shape=(12, 32, 32))
+    model, out = tmp_path / "m.safetensors", tmp_path / "seg"
+    image = sorted((data / "imagesTr").iterdir())[0]
+    code = ("from isdnet.cli import build_parser, main\n"
+            "build_parser().format_help()\n"
+            f"assert main(['train', {str(data)!r}, '--out', {str(model)!r}, '--epochs', '1', '--steps-per-epoch', '2', "
+            "'--base-channels', '8', '--batch-size', '2', '--slice-size', '32', '32', '--warmup-epochs', '0']) == 0\n"
+            f"assert main(['segment', {str(image)!r}, '--model', {str(model)!r}, '--out', {str(out)!r}]) == 0\n")
+    loaded = imports_after(code, unimportable=("resource", "pwd", "grp", "termios"))
+    assert not loaded & {"resource", "termios"} and model.is_file() and len(list(out.iterdir())) == 2
+
+
+def test_children_start_without_a_console_window_on_windows(monkeypatch, tmp_path):
+    import subprocess
+
+    from ISDNetLib.runner import ProcessRunner
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, args, **options):
+            seen.update(options)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr("ISDNetLib.runner.WINDOWS", True)
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
+    ProcessRunner().start(["isdnet", "train"], log_path=str(tmp_path / "log"))
+    assert seen["creationflags"] & 0x08000000, "no console window (closing one would kill the training)"
+    assert "start_new_session" not in seen
 
 
 def test_the_contract_and_the_slicer_side_logic_load_without_torch():
