@@ -21,7 +21,7 @@ DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
 # Table 2 of the paper: each hyperparameter varied alone around the defaults, for isdnet.
 PAIRED_METHODS = ("baseline", "isdnet")  # run with every seed; the other methods with the first --ablation-seeds
 GRID = {"lambda_adv": (1e-4, 1e-3, 5e-3), "lambda_semi": (0.5, 1.0, 5.0), "t_semi": (0.0, 0.1, 0.5, 1.0)}
-QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=40, warmup_epochs=1)
+QUICK = dict(cases=24, test_cases=8, seeds=[0], fractions=[0.125], steps=150, warmup_epochs=1)
 
 
 @dataclasses.dataclass(frozen=True)
