@@ -3,6 +3,9 @@
 The widget is thin: it loads Resources/UI/ISDNetTrain.ui, keeps its options in a parameter node and hands the
 work to its logic, ``ISDNetLib.train.TrainLogic``, which exports the data and runs training in a child process
 that a timer polls, so Slicer never blocks.
+
+Its length (about 500 lines) is the widget's many controls, each wired once to the parameter node and the
+logic; splitting it would scatter one panel's wiring over several files.
 """
 
 from __future__ import annotations

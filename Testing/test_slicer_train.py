@@ -1,4 +1,7 @@
-"""ISDNetTrain's logic on slicer-core: dataset export, progress parsing, and training with a real child process."""
+"""ISDNetTrain's logic on slicer-core: dataset export, progress parsing, and training with a real child process.
+
+One file (about 480 lines) because every test shares the scene fixture and the launcher-like wrapper below.
+"""
 
 from __future__ import annotations
 
