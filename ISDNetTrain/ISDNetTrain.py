@@ -482,7 +482,8 @@ class ISDNetTrainTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Training")
         logic.start(folder / "dataset", model, options)
         self._waitFor(logic, lambda s: s.state != "running" or (1 in logic.history and s.epoch >= 2))
-        logic.stop()
+        logic.stop()  # asks; the training writes its checkpoint and exits
+        self._waitFor(logic, lambda s: s.state != "running")
         self.assertEqual(logic.status.state, "stopped")
         self.assertTrue(logic.can_resume())
         self.delayDisplay("Resuming")
