@@ -16,7 +16,7 @@ from isdnet.errors import InputError, ModelFileError
 from isdnet.infer import segment
 from isdnet.modelfile import load_model
 from isdnet.modelheader import read_header
-from isdnet.networks import ConfidenceNet, register
+from isdnet.networks import ConfidenceNet, ImageConditionedConfidenceNet, register
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress
 from isdnet.train import train
@@ -119,15 +119,16 @@ class WideConfidenceNet(ConfidenceNet):
 
 
 @pytest.mark.slow
-def test_a_registered_discriminator_is_trained_saved_and_gives_confidence_maps(phantoms, tmp_path):
+@pytest.mark.parametrize("network, width", [(WideConfidenceNet, 16), (ImageConditionedConfidenceNet, 8)])
+def test_a_registered_discriminator_is_trained_saved_and_gives_confidence_maps(phantoms, tmp_path, network, width):
     spec = load_dataset(phantoms)
     out = tmp_path / "custom.safetensors"
-    config = TrainConfig(method="isdnet", discriminator="WideConfidenceNet", epochs=2, warmup_epochs=1,
+    config = TrainConfig(method="isdnet", discriminator=network.__name__, epochs=2, warmup_epochs=1,
                          steps_per_epoch=3, **SMALL)
     train(spec.cases[:2], spec.cases[2:4], spec.labels, out, config)
     model = load_model(out)
-    assert type(model.confidence) is WideConfidenceNet and model.confidence.config["base_channels"] == 16
-    assert read_header(out)["architecture"]["confidence"]["name"] == "WideConfidenceNet"
+    assert type(model.confidence) is network and model.confidence.config["base_channels"] == width
+    assert read_header(out)["architecture"]["confidence"]["name"] == network.__name__
     assert main(["segment", str(spec.cases[9].image), "--model", str(out), "--out", str(tmp_path / "seg"),
                  "--confidence", "--device", "cpu"]) == 0
     written = tmp_path / "seg" / f"{spec.cases[9].name}_confidence.nii.gz"

@@ -111,6 +111,27 @@ def test_confidence_on_unlabeled_makes_unlabeled_predictions_fakes_for_d():
     assert make_trainer().step_segmenter(x, y, xu).probabilities_unlabeled is None
 
 
+def test_a_d_conditioned_on_the_image_sees_each_slice_beside_its_probabilities():
+    trainer = make_trainer(discriminator="ImageConditionedConfidenceNet", confidence_on_unlabeled=True)
+    x, y = batch()
+    xu, _ = batch(seed=1)
+    with torch.no_grad():
+        logits = trainer.segmenter(torch.cat([x, xu]))
+        seen = torch.cat([logits.softmax(1), torch.cat([x, xu])], dim=1)
+        expected_adv = trainer.adversarial(trainer.discriminator(seen)[:2]) + trainer.adversarial(
+            trainer.discriminator(seen)[2:], 1 - torch.sigmoid(trainer.importance(
+                trainer.segmenter.forward_features(xu)[1])))
+    step = trainer.step_segmenter(x, y, xu)
+    assert step.losses["adv"].item() == pytest.approx(expected_adv.item(), rel=1e-5)
+    with torch.no_grad():
+        real = trainer.discriminator(torch.cat([step.target, x], dim=1))
+        fake = trainer.discriminator(torch.cat([torch.cat([step.probabilities, step.probabilities_unlabeled]),
+                                                torch.cat([x, xu])], dim=1))
+        expected_d = trainer.confidence_loss(real, fake)
+    loss = trainer.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled, step.images)
+    assert loss.item() == pytest.approx(expected_d.item(), rel=1e-5)
+
+
 def test_update_order_is_s_then_d_then_d0():
     trainer = make_trainer()
     order = []

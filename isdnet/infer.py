@@ -22,6 +22,7 @@ from .errors import PathLike
 from .geometry import PreparedVolume, SliceGeometry, prepare_volume
 from .images import read_image
 from .modelfile import LoadedModel, load_model
+from .networks import discriminator_input
 from .runtime import autocast, resolve_device, resolve_precision, to_device
 
 # Pixels in one batch of slices. On a CPU a batch whose activations stay near the caches is fastest: on the 2-core
@@ -95,7 +96,8 @@ def predict_slices(segmenter: nn.Module, slices: np.ndarray, *, batch_size: int,
                 confidence = None
                 if confidence_net is not None:
                     with autocast(device, dtype):
-                        confidence = torch.sigmoid(confidence_net(probabilities).float())
+                        seen = discriminator_input(confidence_net, probabilities, x)
+                        confidence = torch.sigmoid(confidence_net(seen).float())
                     confidence = confidence[..., top:top + height, left:left + width]
                 yield start, probabilities[..., top:top + height, left:left + width], confidence
     finally:

@@ -152,6 +152,7 @@ class ConfidenceNet(nn.Module):
     """
 
     role = "confidence"
+    image_channels = 0  # image channels D sees beside the probabilities (see discriminator_input)
 
     @classmethod
     def from_config(cls, config: Any, channels: int) -> ConfidenceNet:
@@ -166,7 +167,7 @@ class ConfidenceNet(nn.Module):
         strided = output_stride.bit_length() - 1
         widths = [base_channels * 2**i for i in range(4)] + [1]
         layers: list[nn.Module] = []
-        c_in = num_classes
+        c_in = num_classes + self.image_channels
         for i, w in enumerate(widths):
             if i < strided:
                 layers.append(nn.Conv2d(c_in, w, 4, stride=2, padding=1))
@@ -186,6 +187,22 @@ class ConfidenceNet(nn.Module):
         logits = self.body(x)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)  # as Hung et al.
         return logits[..., :h, :w]
+
+
+@register
+class ImageConditionedConfidenceNet(ConfidenceNet):
+    """D conditioned on the image, a choice the paper leaves open (not its method): it sees the slice beside the
+    class probabilities, so it can judge a prediction against the anatomy, not by its shape alone."""
+
+    image_channels = 1
+
+
+def discriminator_input(discriminator: nn.Module, probabilities: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """What D sees: the class probabilities (N, C, H, W), and the images (N, 1, H, W) beside them when D is
+    conditioned on the image."""
+    if getattr(discriminator, "image_channels", 0):
+        return torch.cat([probabilities, images.to(probabilities.dtype)], dim=1)
+    return probabilities
 
 
 @register

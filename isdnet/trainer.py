@@ -30,7 +30,7 @@ from .losses import (
     importance_weights,
 )
 from .modelfile import LoadedModel
-from .networks import ImportanceNet, SUNet, architecture, network_class, role_of
+from .networks import ImportanceNet, SUNet, architecture, discriminator_input, network_class, role_of
 from .runtime import autocast
 from .slices import Augmentation
 
@@ -45,6 +45,7 @@ class SegmenterStep:
     target: torch.Tensor  # one-hot labels of the labeled samples
     probabilities: torch.Tensor  # S's softmax on the labeled samples
     probabilities_unlabeled: Optional[torch.Tensor]  # and on the unlabeled ones, when D also learns from them
+    images: torch.Tensor  # the slices of those predictions, for a D conditioned on the image
     features_labeled: torch.Tensor
     features_unlabeled: Optional[torch.Tensor]
     weights: torch.Tensor  # importance weight of every sample: 1 for labeled ones
@@ -137,7 +138,8 @@ class Trainer:
         step = self.step_segmenter(x_labeled, y_labeled, x_unlabeled, augmentation)
         losses = dict(step.losses)
         if self.discriminator is not None:
-            losses["d"] = self.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled)
+            losses["d"] = self.step_confidence(step.target, step.probabilities, step.probabilities_unlabeled,
+                                               step.images)
         if self.importance is not None and step.features_unlabeled is not None:
             losses["d0"] = self.step_importance(step.features_labeled, step.features_unlabeled)
             losses["w_mean"] = step.weights[len(x_labeled):].mean()
@@ -184,7 +186,8 @@ class Trainer:
         weights = torch.ones(len(x), device=self.device)
         if self.discriminator is not None:
             with autocast(self.device, self.dtype):
-                confidence_logits = self.discriminator(probabilities).float()
+                confidence_logits = self.discriminator(discriminator_input(self.discriminator, probabilities,
+                                                                           x)).float()
             if semi and self.importance is not None:
                 with torch.no_grad(), autocast(self.device, self.dtype):
                     weights[n_labeled:] = importance_weights(self.importance(features[n_labeled:].detach()))
@@ -204,25 +207,31 @@ class Trainer:
         for net in (self.discriminator, self.importance):
             if net is not None:
                 net.requires_grad_(True)
+        with_unlabeled = semi and cfg.confidence_on_unlabeled
         return SegmenterStep(
             losses=losses, target=target, probabilities=probabilities[:n_labeled].detach(),
-            probabilities_unlabeled=probabilities[n_labeled:].detach() if semi and cfg.confidence_on_unlabeled
-            else None,
+            probabilities_unlabeled=probabilities[n_labeled:].detach() if with_unlabeled else None,
+            images=(x if with_unlabeled else x[:n_labeled]).detach(),
             features_labeled=features[:n_labeled].detach(),
             features_unlabeled=features[n_labeled:].detach() if semi else None, weights=weights)
 
     def step_confidence(self, target: torch.Tensor, probabilities: torch.Tensor,
-                        probabilities_unlabeled: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        probabilities_unlabeled: Optional[torch.Tensor] = None,
+                        images: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(3) L_D on labeled data: ground truth -> 1, S's (detached) prediction -> 0; returns the loss. With
         ``probabilities_unlabeled`` (the ``confidence_on_unlabeled`` variant), S's unlabeled predictions are fakes too.
+        ``images`` are the slices of all the predictions (labeled first), needed by a D conditioned on the image.
 
         All go through D as one batch: D has no normalisation layer, so this equals separate passes.
         """
         assert self.discriminator is not None
         fakes = probabilities if probabilities_unlabeled is None else torch.cat([probabilities,
                                                                                 probabilities_unlabeled])
+        seen = torch.cat([target, fakes.detach()])
+        if images is not None:
+            seen = discriminator_input(self.discriminator, seen, torch.cat([images[:len(target)], images]))
         with autocast(self.device, self.dtype):
-            logits = self.discriminator(torch.cat([target, fakes.detach()])).float()
+            logits = self.discriminator(seen).float()
         loss = self.confidence_loss(logits[:len(target)], logits[len(target):])
         self._update("D", loss)
         return loss.detach()
