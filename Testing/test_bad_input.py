@@ -17,7 +17,7 @@ def test_volume_too_large_for_free_memory_is_refused_before_reading_voxels(tmp_p
     (tmp_path / "huge.raw").write_bytes(b"\0" * 64)
     header = tmp_path / "huge scan.mha"
     header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\nElementType = MET_SHORT\n"
-                      "ElementSpacing = 1 1 1\nElementDataFile = huge.raw\n")
+                      "ElementSpacing = 1 1 1\nElementDataFile = huge.raw\n", encoding="utf-8")
     monkeypatch.setenv("ISDNET_AVAILABLE_MEMORY", str(10**9))
     with pytest.raises(InputError, match="needs about .* GB of memory but only 1.0 GB are free") as error:
         read_image(header)

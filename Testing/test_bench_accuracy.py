@@ -125,7 +125,7 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32",
                  "--jobs", "2", "--threads", "1"])  # two runs at once, in two processes
     assert code == 0
-    report = json.loads((tmp_path / "results.json").read_text())
+    report = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert set(report["summary"]) == {"1/2|baseline", "1/2|isdnet"}
     runs = {r["method"]: r for r in report["runs"]}
     # 3 labeled cases: 2 to train on, 1 to validate; the budget rounds to one pass over their slices
@@ -144,12 +144,12 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
                  "--records", str(tmp_path / "runs"), "--report", str(tmp_path / "results"), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32"]) == 0
-    assert json.loads((tmp_path / "results.json").read_text())["meta"]["runs_reused"] == 2
+    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["meta"]["runs_reused"] == 2
     # --report-only reports the finished runs and trains none of the missing ones (here: adv).
     assert main(["accuracy", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--cases", "6",
                  "--test-cases", "2", "--steps", "4", "--methods", "baseline", "adv", "isdnet",
                  "--fractions", "0.5", "--no-full", "--base-channels", "8", "--slice-size", "32", "32",
                  "--report-only"]) == 0
-    partial = json.loads((tmp_path / "results.json").read_text())
+    partial = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert partial["meta"]["runs_done"] == 0 and set(partial["summary"]) == {"1/2|baseline", "1/2|isdnet"}
     assert not (tmp_path / "runs" / "adv_1of2_seed0.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def decathlon_folder(root: Path, n: int = 3, extra: dict | None = None) -> Path:
         write(label, root / "labelsTr" / f"case_{i}.nii.gz")
         training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
     meta = {"labels": {"0": "background", "1": "left", "2": "right"}, "training": training, **(extra or {})}
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     return root
 
 
@@ -47,6 +48,23 @@ def test_decathlon_dataset_with_unlabeled_list(tmp_path):
     assert spec.colors == {1: [255, 0, 0]}
 
 
+def test_non_ascii_names_load_under_the_c_locale_slicer_sets(tmp_path):
+    # VTK and Qt set the C locale in Slicer (slicer-core too), which makes Python's default text encoding ASCII;
+    # Windows' is cp1252. Every text file is read and written as UTF-8 all the same.
+    root = decathlon_folder(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    meta["labels"] = {"0": "background", "1": "Cornu ammonis – vorn", "2": "Hippocampus hinten (ä)"}
+    (root / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getpreferredencoding(False) != "UTF-8"
+        spec = load_dataset(root)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert spec.labels == {0: "background", 1: "Cornu ammonis – vorn", 2: "Hippocampus hinten (ä)"}
+
+
 def test_nnunet_v2_dataset(tmp_path):
     image, label = phantom(size_xyz=(8, 8, 4))
     for name in ("liver_7", "liver_3"):
@@ -54,7 +72,7 @@ def test_nnunet_v2_dataset(tmp_path):
         write(label, tmp_path / "labelsTr" / f"{name}.nrrd")
     meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
             "numTraining": 2, "file_ending": ".nrrd"}
-    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    (tmp_path / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     spec = load_dataset(tmp_path)
     assert spec.labels == {0: "background", 1: "liver", 2: "tumour"}
     assert [(c.name, c.image.name, c.label.name) for c in spec.cases] == [
@@ -80,7 +98,7 @@ def test_case_names(name, expected):
 
 @pytest.mark.parametrize("mutate, problem", [
     (lambda root: (root / "dataset.json").unlink(), "is missing"),
-    (lambda root: (root / "dataset.json").write_text("{\"labels\": "), "is not valid JSON"),
+    (lambda root: (root / "dataset.json").write_text("{\"labels\": ", encoding="utf-8"), "is not valid JSON"),
     (lambda root: _edit(root, labels={}), "lists no labels"),
     (lambda root: _edit(root, labels={"1": "left", "2": "right"}), "has no label 0"),
     (lambda root: _edit(root, training=[{"image": "../outside.nii.gz", "label": "./labelsTr/case_0.nii.gz"}]),
@@ -101,9 +119,9 @@ def test_dataset_json_errors(tmp_path, mutate, problem):
 
 
 def _edit(root: Path, **changes) -> None:
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta.update(changes)
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
 def test_dataset_listed_file_missing(tmp_path):
@@ -134,7 +152,7 @@ def test_cases_from_files_and_unlabeled_cases(tmp_path):
     folder = tmp_path / "unl"
     write(image, folder / "u2.nii.gz")
     write(image, folder / "u1.mha")
-    (folder / "notes.txt").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
     assert [c.name for c in unlabeled_cases([folder, a])] == ["u1", "u2", "a"]
     assert unlabeled_cases(None) == []
 

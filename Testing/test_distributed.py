@@ -44,14 +44,14 @@ def _steps_on_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> 
         y = torch.randint(0, 3, (2, 32, 32))
         trainer.train_step(x, y, torch.randn(2, 1, 32, 32))
         digests.append(tensor_checksum({k: v for k, v in trainer.state_tensors().items() if k.startswith("net.")}))
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(digests))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(digests), encoding="utf-8")
     dist.destroy_process_group()
 
 
 def test_weights_identical_across_ranks_after_every_step(tmp_path):
     mp.spawn(_steps_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    rank0 = json.loads((tmp_path / "rank0.json").read_text(encoding="utf-8"))
+    rank1 = json.loads((tmp_path / "rank1.json").read_text(encoding="utf-8"))
     assert len(rank0) == 3 and rank0 == rank1
     assert len(set(rank0)) == 3  # the weights did change at every step
 
@@ -70,7 +70,7 @@ def test_torchrun_two_processes_train_as_well_as_one(tmp_path):
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "isdnet", *common, "--out", str(double), "--progress-json"],
-        env=env, capture_output=True, text=True, timeout=900)
+        env=env, capture_output=True, text=True, timeout=900, encoding="utf-8")
     assert launched.returncode == 0, launched.stderr[-3000:]
     events = [json.loads(line) for line in launched.stdout.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events].count("done") == 1  # only rank 0 reports

@@ -142,7 +142,7 @@ def test_precision_policy(monkeypatch):
 def test_bench_speed_quick_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
     assert main(["speed", "--quick", "--device", "cpu", "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text(encoding="utf-8"))
     assert {"matmul_peak_gflops", "inference", "memory", "training", "agreement", "machine"} <= set(results)
     assert [row["volume"] for row in results["inference"]] == ["LASC", "CT"]
     for row in results["inference"]:

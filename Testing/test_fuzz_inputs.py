@@ -155,7 +155,8 @@ def test_a_dataset_with_a_damaged_label_raises_only_our_errors(file):
         sitk.WriteImage(image, str(image_path))
         (root / "dataset.json").write_text(json.dumps({
             "labels": {"background": 0, "a": 1, "b": 2},
-            "training": [{"image": f"./imagesTr/case{extension}", "label": f"./labelsTr/case{extension}"}]}))
+            "training": [{"image": f"./imagesTr/case{extension}", "label": f"./labelsTr/case{extension}"}]}),
+            encoding="utf-8")
 
         def load():
             spec = load_dataset(root)

@@ -16,7 +16,7 @@ FRONT_ENDS = {"ISDNetLib", "ISDNetWeb", "ISDNetTrain", "ISDNetSegment", "isdnet_
 
 
 def imported_roots(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
               and node.level == 0}
@@ -26,7 +26,38 @@ def imported_roots(path: Path) -> set[str]:
 def test_the_engine_imports_no_front_end_and_leaves_sys_path_alone():
     for path in sorted((ROOT / "isdnet").glob("*.py")):
         assert not imported_roots(path) & FRONT_ENDS, f"{path.name} imports a front end"
-        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+        assert "sys.path" not in path.read_text(encoding="utf-8"), f"{path.name} edits sys.path"
+
+
+SHIPPED = ("isdnet", "isdnet_bench", "ISDNetLib", "ISDNetWeb", "ISDNetTrain", "ISDNetSegment")
+
+
+def text_io_without_encoding(path: Path) -> list[int]:
+    """Lines of ``path`` that open, read or write text without naming its encoding, so that they would take the
+    locale's (ASCII under Slicer's C locale, cp1252 on Windows)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name in ("read_text", "write_text"):
+            lines.append(node.lineno)
+        elif name == "open" and isinstance(func, ast.Name):
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
+                                                                None)
+            if not (isinstance(mode, ast.Constant) and "b" in mode.value):
+                lines.append(node.lineno)
+        elif name in ("run", "Popen", "check_output") and any(k.arg in ("text", "universal_newlines")
+                                                               for k in node.keywords):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_shipped_code_reads_and_writes_text_as_utf8_whatever_the_locale():
+    paths = [path for package in SHIPPED for path in sorted((ROOT / package).rglob("*.py"))]
+    found = {f"{path.relative_to(ROOT)}:{line}" for path in paths for line in text_io_without_encoding(path)}
+    assert not found, f"text I/O that takes the locale's encoding: {sorted(found)}"
 
 
 def imports_after(code: str, unimportable: tuple[str, ...] = ()) -> set[str]:
@@ -35,7 +66,7 @@ def imports_after(code: str, unimportable: tuple[str, ...] = ()) -> set[str]:
     block = f"import sys\nfor _name in {unimportable!r}:\n    sys.modules[_name] = None\n"
     probe = (block + code + "\nprint('MODULES', ' '.join(sorted({m.split('.')[0] for m, v in sys.modules.items() "
              "if v is not None})))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, encoding="utf-8")
     assert done.returncode == 0, done.stderr
     return set(done.stdout.rsplit("MODULES", 1)[1].split())
 

@@ -182,10 +182,10 @@ def test_evaluate_folders_against_plain_decathlon_and_nnunet_truth(tmp_path):
         "labels": {"0": "background", "1": "organ"},
         "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
                      for n, _, _ in cases],
-    }))
+    }), encoding="utf-8")
     (tmp_path / "nnunet" / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
-        "file_ending": ".nii.gz"}))
+        "file_ending": ".nii.gz"}), encoding="utf-8")
     plain = evaluate_folders(tmp_path / "pred", tmp_path / "truth")
     assert evaluate_folders(tmp_path / "pred", tmp_path / "decathlon") == plain
     assert evaluate_folders(tmp_path / "pred", tmp_path / "nnunet") == plain, "the same reader as training"

@@ -94,7 +94,7 @@ def test_invalid_options():
 
 def test_write_phantom_dataset(tmp_path):
     folder = write_phantom_dataset(tmp_path / "data", 3, seed=5, shape=(12, 32, 40), spacing=(1.2, 1.2, 3.0))
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["description"] == "synthetic ISDNet phantoms"
     assert dataset["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
     assert dataset["numTraining"] == len(dataset["training"]) == 3

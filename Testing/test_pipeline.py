@@ -38,7 +38,7 @@ def trained(phantoms, tmp_path_factory):
     spec = load_dataset(phantoms)
     labeled, unlabeled = split_labeled(spec.cases[:8], 0.5, seed=0)
     out = tmp_path_factory.mktemp("model") / "model.safetensors"
-    progress = Progress(json_lines=True, stream=open(out.with_suffix(".log"), "w"))
+    progress = Progress(json_lines=True, stream=open(out.with_suffix(".log"), "w", encoding="utf-8"))
     config = TrainConfig(method="isdnet", epochs=12, warmup_epochs=3, steps_per_epoch=10,
                          **{**SMALL, "base_channels": 16, "learning_rate": 2e-3})
     result = train(labeled, unlabeled, spec.labels, out, config, progress=progress)
@@ -82,11 +82,11 @@ def test_baseline_method_runs_and_resume_continues_from_the_checkpoint(phantoms,
     spec = load_dataset(phantoms)
     out = tmp_path / "base.safetensors"
     config = TrainConfig(method="baseline", epochs=2, steps_per_epoch=3, seed=1, **SMALL)
-    first = Progress(json_lines=True, stream=open(tmp_path / "a.log", "w"))
+    first = Progress(json_lines=True, stream=open(tmp_path / "a.log", "w", encoding="utf-8"))
     train(spec.cases[:4], [], spec.labels, out, config, progress=first)
     assert checkpoint_path(out).exists()
     config.epochs = 3
-    again = Progress(json_lines=True, stream=open(tmp_path / "b.log", "w"))
+    again = Progress(json_lines=True, stream=open(tmp_path / "b.log", "w", encoding="utf-8"))
     result = train(spec.cases[:4], [], spec.labels, out, config, progress=again, resume=True)
     start = next(e for e in again.events if e["event"] == "start")
     assert start["start_epoch"] == 3
@@ -215,7 +215,7 @@ def test_cli_segment_matches_library_and_writes_slicer_segmentations(trained, tm
     metrics_file = tmp_path / "metrics.json"
     assert main(["evaluate", "--pred", str(tmp_path), "--truth", str(phantom_truth(spec, case, tmp_path)),
                  "--json", str(metrics_file)]) == 0
-    metrics = json.loads(metrics_file.read_text())
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     assert 0.5 < metrics["dice"] <= 1.0
 
 
@@ -323,7 +323,7 @@ def test_demo_writes_every_output(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("model.safetensors", "demo.png", "metrics.json"):
         assert (tmp_path / name).exists() and str(tmp_path / name) in printed
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["dice"] <= 1.0 and len(metrics["cases"]) == 4
     segs = sorted(p.name for p in (tmp_path / "segmentations").glob("*.seg.nrrd"))
     assert len(segs) == 4

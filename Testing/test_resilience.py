@@ -164,15 +164,15 @@ def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(dataset, tmp_pat
     spec = load_dataset(dataset)
     labeled, unlabeled = spec.cases[:3], spec.cases[3:]
     config = TrainConfig(method="isdnet", epochs=3, steps_per_epoch=4, warmup_epochs=1, seed=2, **TINY)
-    straight = Progress(json_lines=True, stream=open(tmp_path / "straight.log", "w"))
+    straight = Progress(json_lines=True, stream=open(tmp_path / "straight.log", "w", encoding="utf-8"))
     train(labeled, unlabeled, spec.labels, tmp_path / "a.safetensors", config, progress=straight)
 
     out = tmp_path / "b.safetensors"
-    stopping = StopAt(open(tmp_path / "stop.log", "w"), at=(2, 2))
+    stopping = StopAt(open(tmp_path / "stop.log", "w", encoding="utf-8"), at=(2, 2))
     first = train(labeled, unlabeled, spec.labels, out, config, progress=stopping)
     assert first.stopped and first.epochs_run == 1
     assert any(e["event"] == "stopped" for e in stopping.events)
-    resumed = Progress(json_lines=True, stream=open(tmp_path / "resumed.log", "w"))
+    resumed = Progress(json_lines=True, stream=open(tmp_path / "resumed.log", "w", encoding="utf-8"))
     second = train(labeled, unlabeled, spec.labels, out, config, progress=resumed, resume=True)
     assert not second.stopped and second.epochs_run == 3
     start = next(e for e in resumed.events if e["event"] == "start")
@@ -202,7 +202,8 @@ def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, t
     for _ in range(60):
         resumable = checkpoint_path(out).exists() or previous_path(checkpoint_path(out)).exists()
         command = base + (["--resume"] if resumable else [])
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                   encoding="utf-8")
         if kills < 20:
             time.sleep(rng.uniform(2.0, 6.0))
             if process.poll() is None:

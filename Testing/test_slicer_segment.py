@@ -244,7 +244,7 @@ def test_clear_errors(mrml, model_path, tmp_path):
     with pytest.raises(NodeError, match="hollow: the volume has no image data"):
         SegmentLogic(scene).segment(hollow, model_path)
     not_a_model = tmp_path / "notes.safetensors"
-    not_a_model.write_text("hello")
+    not_a_model.write_text("hello", encoding="utf-8")
     volume = oblique_float_volume(scene)
     with pytest.raises(ModelFileError, match="notes.safetensors"):
         SegmentLogic(scene).segment(volume, not_a_model)

@@ -70,7 +70,7 @@ def test_export_keeps_voxels_and_geometry(mrml, tmp_path):
     assert mrml.scene.GetNumberOfNodes() == nodes_before, "temporary nodes are left in the scene"
     assert pairs[0][0].GetStorageNode() is None, "export must not change the volume's own storage node"
 
-    spec = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    spec = json.loads((tmp_path / "ds" / "dataset.json").read_text(encoding="utf-8"))
     assert spec["labels"] == {"0": "background", "1": "liver", "2": "tumor"}
     assert spec["colors"] == {"1": [230, 153, 102], "2": [51, 204, 76]}
     assert exported.labeled_cases == ["case_0", "case_1"] and exported.unlabeled_cases == ["case_2"]
@@ -212,8 +212,8 @@ class FakeTrainLogic(TrainLogic):
 
 def run_fake(mrml, tmp_path, mode: str) -> FakeTrainLogic:
     script = tmp_path / "fake.py"
-    script.write_text(FAKE_TRAINING)
-    (tmp_path / "dataset.json").write_text("{}")
+    script.write_text(FAKE_TRAINING, encoding="utf-8")
+    (tmp_path / "dataset.json").write_text("{}", encoding="utf-8")
     logic = FakeTrainLogic(mrml.scene, script, mode)
     logic.start(tmp_path, tmp_path / "m.safetensors", TrainingOptions(dict(epochs=2)))
     return logic
@@ -245,7 +245,7 @@ def test_progress_fills_status_and_plot_nodes(mrml, tmp_path):
     assert chart.GetNumberOfPlotSeriesNodes() == 4
     series = chart.GetNthPlotSeriesNode(3)
     assert series.GetTableNodeID() == logic.table_node.GetID() and series.GetYColumnName() == "val_dice"
-    assert (tmp_path / "m.log").read_text().count("plain log text") == 1
+    assert (tmp_path / "m.log").read_text(encoding="utf-8").count("plain log text") == 1
 
 
 def test_each_training_gets_its_own_folder_and_its_exported_images_can_be_deleted(mrml, tmp_path):
@@ -255,12 +255,12 @@ def test_each_training_gets_its_own_folder_and_its_exported_images_can_be_delete
     pairs, unlabeled = labeled_scene(mrml.scene, count=1, unlabeled=1)
     export_dataset(mrml.scene, pairs, unlabeled, dataset_folder_for(model))
     script = tmp_path / "fake.py"
-    script.write_text(FAKE_TRAINING)
+    script.write_text(FAKE_TRAINING, encoding="utf-8")
     logic = FakeTrainLogic(mrml.scene, script, "ok")
     logic.start(dataset_folder_for(model), model, TrainingOptions())
     assert poll_until(logic, lambda s: s.state != "running", 30).state == "done"
     assert TrainLogic(mrml.scene).exported_data(model) == model.parent / "dataset", "found again from the job file"
-    model.write_text("weights")
+    model.write_text("weights", encoding="utf-8")
     assert would_overwrite(model)
     assert logic.delete_exported_data(model) == model.parent / "dataset"
     assert not (model.parent / "dataset").exists() and model.is_file(), "the images go, the model stays"
@@ -331,15 +331,15 @@ def test_closing_the_application_can_leave_the_training_to_finish(mrml, tmp_path
     deadline = time.monotonic() + 30
     while not (tmp_path / "m.safetensors").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert (tmp_path / "m.safetensors").read_text() == "weights"
+    assert (tmp_path / "m.safetensors").read_text(encoding="utf-8") == "weights"
     time.sleep(0.5)
-    assert "model written after 3 s" in (tmp_path / "m.log").read_text()
+    assert "model written after 3 s" in (tmp_path / "m.log").read_text(encoding="utf-8")
 
 
 def test_a_detached_training_outlives_its_parent_process(tmp_path):
     """The runner's child holds no pipe to the parent: it finishes and logs after the parent has exited."""
     script = tmp_path / "fake.py"
-    script.write_text(FAKE_TRAINING)
+    script.write_text(FAKE_TRAINING, encoding="utf-8")
     model, log = tmp_path / "model weights.safetensors", tmp_path / "train.log"
     parent = (f"import sys; sys.path[:0] = {sys.path!r}\n"
               "from ISDNetLib.runner import ProcessRunner\n"
@@ -348,15 +348,15 @@ def test_a_detached_training_outlives_its_parent_process(tmp_path):
               "print(runner.detach())\n")
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60, encoding="utf-8")
     assert done.returncode == 0 and int(done.stdout) > 0, done.stderr
     assert not model.exists()  # the parent is gone and the child is still working
     deadline = time.monotonic() + 30
     while not model.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert model.read_text() == "weights"
+    assert model.read_text(encoding="utf-8") == "weights"
     time.sleep(0.5)
-    text = log.read_text()
+    text = log.read_text(encoding="utf-8")
     assert "[left running when the application closed]" in text and "model written after 3 s" in text
 
 
@@ -398,7 +398,7 @@ def test_training_end_to_end_with_stop_and_resume(mrml, tmp_path):
     names = [logic.chart_node.GetNthPlotSeriesNode(i).GetYColumnName()
              for i in range(logic.chart_node.GetNumberOfPlotSeriesNodes())]
     assert {"dice", "adv", "semi", "d", "d0", "val_dice"} <= set(names)
-    log = log_path(model).read_text()
+    log = log_path(model).read_text(encoding="utf-8")
     assert "--resume" in log and "training stopped; resume continues from here" in log
 
 
@@ -426,7 +426,7 @@ def test_stop_through_a_launcher_keeps_the_work_however_slow_a_step(mrml, tmp_pa
     """Stop asks the training behind the launcher to stop (a stop file), waits for its checkpoint and never kills
     it: a stop mid-epoch 1 leaves a checkpoint, and the job file lets another logic (a restarted Slicer) resume."""
     launcher = tmp_path / "PythonSlicer"
-    launcher.write_text(LAUNCHER)
+    launcher.write_text(LAUNCHER, encoding="utf-8")
     launcher.chmod(0o755)
     pairs, unlabeled = labeled_scene(mrml.scene, count=2, unlabeled=1)
     logic = TrainLogic(mrml.scene, python=str(launcher))
@@ -440,7 +440,7 @@ def test_stop_through_a_launcher_keeps_the_work_however_slow_a_step(mrml, tmp_pa
     assert status.state == "stopped", status.message
     assert checkpoint_path(model).is_file(), "the stopped training saved where it was, in its first epoch"
     assert not stop_path(model).exists()
-    assert "[stopped by the user]" not in log_path(model).read_text(), "nothing was killed"
+    assert "[stopped by the user]" not in log_path(model).read_text(encoding="utf-8"), "nothing was killed"
 
     restarted = TrainLogic(mrml.scene, python=sys.executable)  # Slicer restarted: the job comes from its file
     assert restarted.can_resume(model)

@@ -30,7 +30,7 @@ def ui_widgets(module: str) -> dict[str, ElementTree.Element]:
 
 
 def ui_uses(module: str) -> set[str]:
-    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text(encoding="utf-8"))
     return {node.attr for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
             and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
@@ -38,7 +38,7 @@ def ui_uses(module: str) -> set[str]:
 
 def parameters(module: str) -> dict[str, str]:
     """Name -> annotated type name of the module's @parameterNodeWrapper class."""
-    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text(encoding="utf-8"))
     for cls in ast.walk(tree):
         if isinstance(cls, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper"
                                                  for d in cls.decorator_list):
@@ -85,7 +85,7 @@ def test_ui_files_declare_their_custom_widgets_and_resources_exist(module):
     custom = {c for c in used if c.startswith(("ctk", "qMRML", "qSlicer"))}
     assert custom <= declared, f"undeclared custom widgets: {sorted(custom - declared)}"
     assert (ROOT / module / "Resources" / "Icons" / f"{module}.png").is_file()
-    cmake = (ROOT / module / "CMakeLists.txt").read_text()
+    cmake = (ROOT / module / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in (ROOT / module).rglob("*"):
         if path.suffix in (".py", ".ui", ".png") and "__pycache__" not in path.parts:
             assert str(path.relative_to(ROOT / module)).replace("${MODULE_NAME}", module) in \
@@ -95,7 +95,7 @@ def test_ui_files_declare_their_custom_widgets_and_resources_exist(module):
 def test_libraries_use_neither_qt_nor_the_global_scene():
     for lib in (ROOT / "ISDNetLib",):
         for path in lib.glob("*.py"):
-            tree = ast.parse(path.read_text())
+            tree = ast.parse(path.read_text(encoding="utf-8"))
             imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import,))
                         for alias in node.names}
             imported |= {node.module.split(".")[0] for node in ast.walk(tree)
@@ -106,7 +106,7 @@ def test_libraries_use_neither_qt_nor_the_global_scene():
 
 
 def test_extension_cmake_and_description():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for needed in ("find_package(Slicer REQUIRED)", 'EXTENSION_CATEGORY "Segmentation"', 'EXTENSION_DEPENDS "PyTorch"',
                    "EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                    "EXTENSION_SCREENSHOTURLS", "add_subdirectory(ISDNetTrain)", "add_subdirectory(ISDNetSegment)",
@@ -114,7 +114,7 @@ def test_extension_cmake_and_description():
         assert needed in cmake, needed
     for path in (ROOT / "ISDNetLib").glob("*.py"):
         assert f"ISDNetLib/{path.name}" in cmake, f"{path.name} is not installed with the modules"
-    entry = json.loads((ROOT / "ISDNet.json").read_text())
+    entry = json.loads((ROOT / "ISDNet.json").read_text(encoding="utf-8"))
     # The Extensions Index's catalog-entry schema v1.0.1: required keys, and no key outside its properties.
     assert {"$schema", "category", "scm_url"} <= set(entry) and entry["$schema"].endswith("schema-v1.0.1.json#")
     assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
@@ -122,7 +122,7 @@ def test_extension_cmake_and_description():
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert "Slicer" in entry["scm_url"].rsplit("/", 1)[-1], "the index wants the repository named Slicer..."
     assert re.search(r"project\(ISDNet\)", cmake), "the project is named as the description file"
-    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert re.search(r'EXTENSION_CONTRIBUTORS "[^"(]+ \([^)]+\)"', cmake), "contributors as Name (Organisation)"
     for image in ("ISDNet.png", "Screenshot.png"):
         assert (ROOT / "Resources" / image).is_file()

@@ -151,7 +151,7 @@ class Server:
             [sys.executable, "-m", "ISDNetWeb", "--port", "0", "--workspace", str(workspace), "--device", "cpu",
              "--token", TOKEN, "--train-options", train_options],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env=dict(os.environ))
+            env=dict(os.environ), encoding="utf-8")
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

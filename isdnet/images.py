@@ -62,7 +62,7 @@ def available_memory() -> Optional[int]:
         return int(forced)
     free: Optional[int] = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable:"):
                 free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -73,8 +73,8 @@ def available_memory() -> Optional[int]:
         except (AttributeError, ValueError, OSError):
             return None
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="utf-8").strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text(encoding="utf-8").strip()
         if limit != "max":
             free = min(free, max(0, int(limit) - int(used)))
     except (OSError, ValueError):

@@ -34,7 +34,7 @@ def cpu_has_fast_bf16() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         return False
-    flags = cpuinfo.read_text(errors="replace")
+    flags = cpuinfo.read_text(errors="replace", encoding="utf-8")
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

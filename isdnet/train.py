@@ -150,7 +150,7 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         raise TrainingError(f"the labels must include 0 (background), got {sorted(labels)}")
     group = init_from_environment(config.device)
     if not group.is_main:
-        progress = Progress(json_lines=True, stream=open(os.devnull, "w"))  # noqa: SIM115 - rank 0 reports
+        progress = Progress(json_lines=True, stream=open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - rank 0 reports
     try:
         with OutputLock(out) if group.is_main else contextlib.nullcontext(), StopRequest(stop_path(out)) as stop, \
                 tempfile.TemporaryDirectory(prefix="isdnet-cache-", dir=cache_dir) as cache:

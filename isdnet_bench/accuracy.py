@@ -125,7 +125,7 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
         list(train_cases), [])
     model, best = folder / f"{run.name}.safetensors", folder / f"{run.name}.best.safetensors"
     started = time.monotonic()
-    with open(folder / f"{run.name}.log.jsonl", "w") as log:
+    with open(folder / f"{run.name}.log.jsonl", "w", encoding="utf-8") as log:
         result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log),
                        best_out=best)
     train_time = time.monotonic() - started

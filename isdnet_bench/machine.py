@@ -15,7 +15,8 @@ def describe_machine(device: Optional[torch.device] = None) -> str:
     """CPU model, core count, torch version and threads, plus the GPU's name when running on CUDA."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
@@ -30,9 +31,9 @@ def code_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True, encoding="utf-8").stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "isdnet"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+                               text=True, check=True, encoding="utf-8").stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (isdnet/ modified)" if dirty else "")

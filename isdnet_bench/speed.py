@@ -212,7 +212,7 @@ def _memory_now() -> tuple[float, float]:
     """(current, peak) resident memory of this process in bytes; the peak since the last ``_reset_peak``."""
     status = Path("/proc/self/status")
     if status.exists():
-        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        fields = dict(line.split(":", 1) for line in status.read_text(encoding="utf-8").splitlines() if ":" in line)
         return float(fields["VmRSS"].split()[0]) * 1024, float(fields["VmHWM"].split()[0]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float("nan"), float(peak * (1 if platform.system() == "Darwin" else 1024))
@@ -221,7 +221,7 @@ def _memory_now() -> tuple[float, float]:
 def _reset_peak() -> bool:
     """Restart the peak-RSS count (Linux: ``clear_refs``); False where the peak covers the whole process."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
     except OSError:
         return False
     return True
