@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path
+from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path, has_checkpoint
 from isdnet.dataset import Case, load_dataset, split_labeled
 from isdnet.geometry import SliceGeometry, prepare_volume
 from isdnet.images import read_image
@@ -125,9 +125,10 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
         list(train_cases), [])
     model, best = folder / f"{run.name}.safetensors", folder / f"{run.name}.best.safetensors"
     started = time.monotonic()
-    with open(folder / f"{run.name}.log.jsonl", "w", encoding="utf-8") as log:
+    resumed = has_checkpoint(model)  # a run cut off by the end of a session continues from its checkpoint
+    with open(folder / f"{run.name}.log.jsonl", "a" if resumed else "w", encoding="utf-8") as log:
         result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log),
-                       best_out=best)
+                       best_out=best, resume=resumed)
     train_time = time.monotonic() - started
     started = time.monotonic()
     loaded = load_model(model)
@@ -140,7 +141,7 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
         labeled_cases=len(labeled) - len(validation), validation_cases=len(validation),
         unlabeled_cases=len(unlabeled) if config.uses_unlabeled else 0,
         steps=result.epochs_run * result.steps_per_epoch, epochs=result.epochs_run, best_epoch=result.best_epoch,
-        best_val_dice=result.best_val_dice, train_time_s=round(train_time, 1),
+        best_val_dice=result.best_val_dice, train_time_s=round(train_time, 1), resumed=resumed,
         eval_time_s=round(time.monotonic() - started, 1), metrics=metrics, metrics_best=metrics_best,
         confidence=confidence, history=result.history)
     if config.uses_importance:
