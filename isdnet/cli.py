@@ -114,15 +114,16 @@ def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:
 
 
 def run_segment(args: argparse.Namespace, progress: Progress) -> None:
-    from .dataset import case_name
+    from .files import check_outputs_apart, output_folder
     from .infer import segment
     from .modelfile import load_model
-    from .outputs import write_segmentation
+    from .outputs import output_names, segmentation_files, write_segmentation
 
+    names = output_names(args.images)
+    check_outputs_apart([p for n in names for p in segmentation_files(args.out, n, args.confidence)], args.images)
     model = load_model(args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(args.images):
-        name = case_name(image)
+    output_folder(args.out)
+    for index, (image, name) in enumerate(zip(args.images, names)):
 
         def report(done: int, total: int, case: str = name) -> None:
             if progress.json_lines:
@@ -138,12 +139,13 @@ def run_segment(args: argparse.Namespace, progress: Progress) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from .files import write_atomically
     from .metrics import evaluate_folders
 
     metrics = evaluate_folders(args.pred, args.truth)
     text = json.dumps(metrics, indent=2)
     if args.json:
-        args.json.write_text(text, encoding="utf-8")
+        write_atomically(args.json, text.encode("utf-8"))
     print(text)
 
 

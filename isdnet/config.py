@@ -201,6 +201,8 @@ DATASET_FILE = "dataset.json"
 VOLUME_ENDING = ".nii.gz"  # the volumes the engine and the front ends write: images, label maps, confidence maps
 SEGMENTATION_ENDING = ".seg.nrrd"
 CONFIDENCE_SUFFIX = "_confidence"  # <case>_confidence.nii.gz beside <case>.nii.gz
+LOCK_SUFFIX = ".lock"  # the training lock beside a model: name.safetensors.lock
+TEMPORARY_MARKER = ".isdnet-tmp"  # in every temporary the engine writes: .<target>.<random hex><marker><ending>
 
 
 def model_stem(model_path: Path) -> str:
@@ -228,6 +230,18 @@ def has_checkpoint(model_path: Path) -> bool:
 def log_path(model_path: Path) -> Path:
     """The training log the front ends write beside a model: ``name.log``."""
     return Path(model_path).with_name(model_stem(model_path) + LOG_SUFFIX)
+
+
+def lock_path(model_path: Path) -> Path:
+    """The lock a training holds on its model: ``name.safetensors.lock``."""
+    return Path(model_path).with_name(Path(model_path).name + LOCK_SUFFIX)
+
+
+def training_files(model_path: Path) -> list[Path]:
+    """Every file a training writes beside its model (the model, its checkpoints, lock and log), temporaries aside."""
+    checkpoint = checkpoint_path(model_path)
+    return [Path(model_path), checkpoint, previous_checkpoint_path(checkpoint), lock_path(model_path),
+            log_path(model_path)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from .checkpoint import load_latest, save_checkpoint
-from .config import TrainConfig, checkpoint_path
+from .config import TrainConfig, checkpoint_path, training_files
 from .dataset import Case
 from .distributed import ProcessGroup, init_from_environment, shutdown
 from .errors import InputError, TrainingError
-from .files import OutputLock
+from .files import OutputLock, check_outputs_apart
 from .geometry import NORMALISATION, ImageGrid, PreparedVolume, SliceGeometry, plan_geometry, prepare_volume
 from .images import read_image, read_label
 from .infer import predict_slices
@@ -136,6 +136,8 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         raise InputError(out.parent, "the output folder does not exist")
     if sorted(labels)[0] != 0:
         raise TrainingError(f"the labels must include 0 (background), got {sorted(labels)}")
+    check_outputs_apart([*training_files(out), *([Path(best_out)] if best_out else [])],
+                        [p for case in [*labeled, *unlabeled] for p in (case.image, case.label) if p is not None])
     group = init_from_environment(config.device)
     if not group.is_main:
         progress = Progress(json_lines=True, stream=open(os.devnull, "w"))  # noqa: SIM115 - rank 0 reports
