@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .detached import data_files
 from .errors import InputError, PathLike
 from .nifti import check_nifti, is_nifti
 
@@ -103,20 +104,31 @@ def _check_header(path: Path, bytes_per_voxel: int) -> None:
     check_memory(path, voxels * bytes_per_voxel)
 
 
-def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL) -> sitk.Image:
-    """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type.
+def check_volume_file(path: PathLike, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL) -> None:
+    """What can be checked of a volume file before any voxel is read: a NIfTI header and length (ITK hangs on
+    some damaged headers and pads truncated data), the data files a NRRD or MetaImage header names (regular
+    files only, never a device or a pipe), and the memory that ``bytes_per_voxel`` times its voxels need."""
+    path = Path(path)
+    if is_nifti(path):
+        check_nifti(path)
+    for data in data_files(path):
+        if not data.is_file():
+            problem = "is not a regular file" if data.exists() else "does not exist"
+            raise InputError(path, f"its header names the data file {data}, which {problem}")
+    _check_header(path, bytes_per_voxel)
 
-    A file's header is read first and the volume refused if ``bytes_per_voxel`` times its voxels exceeds the
-    free memory.
-    """
+
+def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL) -> sitk.Image:
+    """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type, after
+    ``check_volume_file``."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, f"does not exist (expected {what})")
-    if path.is_file() and is_nifti(path):
-        check_nifti(path)  # before ITK, which hangs on some damaged headers and pads truncated data
+    if not path.is_file() and not path.is_dir():
+        raise InputError(path, f"is neither a file nor a folder (expected {what})")
     try:
         if path.is_file():
-            _check_header(path, bytes_per_voxel)
+            check_volume_file(path, bytes_per_voxel)
         if path.is_dir():
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not series:
