@@ -82,14 +82,13 @@ def available_memory() -> Optional[int]:
     return free
 
 
-def check_memory(path: PathLike, needed_bytes: int) -> None:
+def check_memory(path: PathLike, needed_bytes: int, remedy: str = "crop or downsample the volume") -> None:
     """Refuse up front, with InputError naming ``path``, work needing more memory than is free, rather than
     being killed by the operating system halfway."""
     free = available_memory()
     if free is not None and needed_bytes > free:
         raise InputError(path, f"needs about {needed_bytes / 1e9:.1f} GB of memory but only {free / 1e9:.1f} GB "
-                               "are free; close other programs, use a machine with more memory, or crop or "
-                               "downsample the volume")
+                               f"are free; close other programs, use a machine with more memory, or {remedy}")
 
 
 def _check_header(path: Path, bytes_per_voxel: int) -> None:

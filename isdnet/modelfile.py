@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,9 +28,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .config import SLICE_AXES
 from .errors import ModelFileError
 from .files import write_atomically
-from .networks import architecture, build_network, registered
+from .geometry import MAX_SLICE_SIDE
+from .images import MAX_SPACING_MM, MIN_SPACING_MM, check_memory
+from .networks import MAX_CLASSES, architecture, build_network, network_class, registered
 
 PathLike = Union[str, Path]
 Weights = Union[nn.Module, dict[str, torch.Tensor]]
@@ -40,14 +44,30 @@ SUPPORTED_VERSIONS = (1,)
 METADATA_KEY = "isdnet"
 PARTS = ("segmenter", "confidence")
 _MAX_TABLE_BYTES = 100_000_000  # the safetensors library's own limit on its JSON table
+MAX_HEADER_DEPTH = 32  # nesting of the header's JSON; ours is 4 deep
 
 _BYTE = {"type": "integer", "minimum": 0, "maximum": 255}
 _RGB = {"type": "array", "items": _BYTE, "minItems": 3, "maxItems": 3}
 _PAIR = {"type": "array", "minItems": 2, "maxItems": 2}
 
 
+def _architecture_schema(role: str) -> dict[str, Any]:
+    """A network description of ``role``: a registered name, and that network's options within their bounds."""
+    names = registered(role)
+    return {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"enum": names}},
+        "allOf": [{"if": {"properties": {"name": {"const": name}}},
+                   "then": {"required": list(network_class(name).options), "additionalProperties": False,
+                            "properties": {"name": {"const": name}, **network_class(name).options}}}
+                  for name in names],
+    }
+
+
 def header_schema() -> dict[str, Any]:
-    """The JSON Schema of a model header; the allowed network names are the registered ones of each role."""
+    """The JSON Schema of a model header: every number bounded; the allowed network names are the registered ones
+    of each role, with the options each network class declares."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "ISDNet model header",
@@ -60,6 +80,7 @@ def header_schema() -> dict[str, Any]:
             "classes": {
                 "type": "array",
                 "minItems": 2,
+                "maxItems": MAX_CLASSES,
                 "items": {
                     "type": "object",
                     "required": ["value", "name", "color"],
@@ -75,32 +96,18 @@ def header_schema() -> dict[str, Any]:
                 "type": "object",
                 "required": ["slice_axis", "spacing", "size"],
                 "properties": {
-                    "slice_axis": {"enum": ["auto", "x", "y", "z"]},
-                    "spacing": {**_PAIR, "items": {"type": "number", "exclusiveMinimum": 0}},
-                    "size": {**_PAIR, "items": {"type": "integer", "minimum": 1}},
+                    "slice_axis": {"enum": list(SLICE_AXES)},
+                    "spacing": {**_PAIR, "items": {"type": "number", "minimum": MIN_SPACING_MM,
+                                                   "maximum": MAX_SPACING_MM}},
+                    "size": {**_PAIR, "items": {"type": "integer", "minimum": 1, "maximum": MAX_SLICE_SIDE}},
                 },
             },
             "architecture": {
                 "type": "object",
                 "required": ["segmenter", "confidence"],
                 "properties": {
-                    "segmenter": {
-                        "type": "object",
-                        "required": ["name", "num_classes"],
-                        "properties": {"name": {"enum": registered("segmenter")},
-                                       "num_classes": {"type": "integer", "minimum": 2}},
-                    },
-                    "confidence": {
-                        "oneOf": [
-                            {"type": "null"},
-                            {
-                                "type": "object",
-                                "required": ["name", "num_classes"],
-                                "properties": {"name": {"enum": registered("confidence")},
-                                               "num_classes": {"type": "integer"}},
-                            },
-                        ],
-                    },
+                    "segmenter": _architecture_schema("segmenter"),
+                    "confidence": {"oneOf": [{"type": "null"}, _architecture_schema("confidence")]},
                 },
             },
             "provenance": {
@@ -174,6 +181,8 @@ def check_header(header: Any, path: PathLike) -> None:
     """Raise ModelFileError naming ``path`` unless ``header`` is a valid model header of a known version."""
     if not isinstance(header, dict):
         raise ModelFileError(path, "its ISDNet header is not a JSON object")
+    if _depth(header) > MAX_HEADER_DEPTH:
+        raise ModelFileError(path, f"its ISDNet header is nested deeper than {MAX_HEADER_DEPTH} levels")
     if header.get("format") != FORMAT:
         raise ModelFileError(path, f"its header does not say format {FORMAT!r}; it is not an ISDNet model")
     version = header.get("format_version")
@@ -241,7 +250,7 @@ def _read_layout(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
             end = max(end, int(entry["data_offsets"][1]))
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise ModelFileError(path, _describe_non_model(start)) from None
     if size - 8 - table_size != end:
         raise ModelFileError(path, f"is damaged or incomplete: its weights should take {end} bytes but the "
@@ -254,11 +263,29 @@ def _header_from_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any
         raise ModelFileError(path, "is a safetensors file but not an ISDNet model: it has no ISDNet header "
                                    f"(metadata entry {METADATA_KEY!r})")
     try:
-        header = json.loads(metadata[METADATA_KEY])
+        header = json.loads(metadata[METADATA_KEY], parse_constant=_refuse_constant)
     except ValueError as error:
         raise ModelFileError(path, f"its ISDNet header is not valid JSON ({error})") from None
+    except RecursionError:
+        raise ModelFileError(path, f"its ISDNet header is nested deeper than {MAX_HEADER_DEPTH} levels") from None
     check_header(header, path)
     return header
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not a number JSON allows")
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (counted without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            deepest = max(deepest, level)
+            pending.append((child, level + 1))
+    return deepest
 
 
 def read_header(path: PathLike) -> dict[str, Any]:
@@ -268,35 +295,42 @@ def read_header(path: PathLike) -> dict[str, Any]:
     return _header_from_metadata(path, metadata)
 
 
-def _check_weights(path: Path, header: dict[str, Any],
-                   tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Networks built from the header, after checking ``tensors`` has exactly their names and shapes."""
-    networks = {}
+def _expected_shapes(path: Path, header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight the header's networks have, found without allocating them."""
     expected: dict[str, tuple[int, ...]] = {}
     for part in PARTS:
         description = header["architecture"][part]
         if description is None:
             continue
         try:
-            networks[part] = build_network(description)
+            network = build_network(description, device="meta")
         except ValueError as error:
             raise ModelFileError(path, f"its header's architecture.{part} cannot be built: {error}") from None
-        expected.update({f"{part}.{k}": tuple(v.shape) for k, v in networks[part].state_dict().items()})
+        expected.update({f"{part}.{k}": tuple(v.shape) for k, v in network.state_dict().items()})
+    return expected
+
+
+def _check_shapes(path: Path, header: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Check that the weights ``shapes`` are exactly those of the header's networks; returns their bytes (float32)."""
+    expected = _expected_shapes(path, header)
     mismatch = "its weights do not match the architecture in its header: "
     for name, shape in expected.items():
-        if name not in tensors:
+        if name not in shapes:
             raise ModelFileError(path, mismatch + f"tensor {name} is missing")
-        if tuple(tensors[name].shape) != shape:
-            raise ModelFileError(path, mismatch + f"tensor {name} has shape {tuple(tensors[name].shape)} but "
+        if tuple(shapes[name]) != shape:
+            raise ModelFileError(path, mismatch + f"tensor {name} has shape {tuple(shapes[name])} but "
                                                   f"the architecture needs {shape}")
-    for name in tensors:
+    for name in shapes:
         if name not in expected:
             raise ModelFileError(path, mismatch + f"tensor {name} is not part of the architecture")
+    return 4 * sum(math.prod(shape) for shape in expected.values())
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelFileError(path, f"tensor {name} contains NaN or infinite values; such weights cannot "
                                        "be used")
-    return networks
 
 
 def _prepare_tensors(segmenter: Weights, confidence: Optional[Weights]) -> dict[str, torch.Tensor]:
@@ -330,7 +364,8 @@ def save_model(path: PathLike, header: dict[str, Any], segmenter: Weights,
         raise ValueError(f"{path}: confidence weights must be given exactly when the header's "
                          "architecture.confidence describes a network")
     tensors = _prepare_tensors(segmenter, confidence)
-    _check_weights(path, header, tensors)
+    _check_shapes(path, header, {name: tuple(tensor.shape) for name, tensor in tensors.items()})
+    _check_finite(path, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, safetensors.torch.save(tensors, metadata={METADATA_KEY: text}))
     return path
@@ -346,18 +381,28 @@ class LoadedModel:
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Read a model file, rebuild its networks from the header, load the weights strictly, in eval mode."""
+    """Read a model file, rebuild its networks from the header, load the weights strictly, in eval mode.
+
+    The weights' names and shapes are checked against the header, and the memory for them against the free
+    memory, before any weight is read or network built.
+    """
     path = Path(path)
-    metadata, _ = _read_layout(path)
+    metadata, table = _read_layout(path)
     header = _header_from_metadata(path, metadata)
+    weight_bytes = _check_shapes(path, header, {name: tuple(entry["shape"]) for name, entry in table.items()})
+    check_memory(path, 2 * weight_bytes, "use a smaller model")  # the weights as read, and their networks
     try:
         tensors = safetensors.torch.load_file(path, device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(path, f"its weights cannot be read ({error})") from None
-    networks = _check_weights(path, header, tensors)
-    for part, network in networks.items():
+    _check_finite(path, tensors)
+    networks = {}
+    for part in PARTS:
+        if header["architecture"][part] is None:
+            continue
+        network = build_network(header["architecture"][part])
         prefix = part + "."
         network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                                 strict=True)
-        network.to(device).eval()
+        networks[part] = network.to(device).eval()
     return LoadedModel(header, networks["segmenter"], networks.get("confidence"))
