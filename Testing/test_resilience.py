@@ -72,7 +72,7 @@ def test_the_newest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, previous_path(path).name])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum", "metadata"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     path = tmp_path / "m.checkpoint.safetensors"
     save_checkpoint(path, tensors(1.0), {"epoch": 1})
@@ -82,11 +82,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(len(data)))
-    else:  # a well-formed file whose tensors no longer match the checksum it carries
+    else:  # a well-formed file whose tensors or metadata no longer match the checksum it carries
         with safetensors.safe_open(str(path), "pt") as f:
             metadata = f.metadata()
-        safetensors.torch.save_file(tensors(9.0), str(path), metadata=metadata)
-    with pytest.raises(InputError, match="checksum" if damage == "checksum" else "not a complete checkpoint"):
+        if damage == "metadata":
+            metadata["isdnet-checkpoint"] = json.dumps({"epoch": 7})
+        safetensors.torch.save_file(tensors(9.0 if damage == "checksum" else 2.0), str(path), metadata=metadata)
+    with pytest.raises(InputError, match="checksum" if damage in ("checksum", "metadata") else "not a complete"):
         read_checkpoint(path)
     reports = []
     loaded, meta, used = load_latest(path, report=reports.append)

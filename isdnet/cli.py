@@ -32,7 +32,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep labels for this fraction of the training cases, drawn with --seed "
                    "(0.5 = the paper's 1/2)")
     add_train_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint beside --out (with none yet, start from the beginning)")
+    p.add_argument("--allow-new-data", action="store_true",
+                   help="with --resume: go on from a checkpoint made on other cases (they are named)")
     p.add_argument("--progress-json", action="store_true", help="one JSON object per line on stdout")
 
 
@@ -97,7 +100,8 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
     config = config_from_arguments(args)
     if config.class_weights is None:
         config.class_weights = [1.0] * len(labels)  # plain Dice, written into the model's provenance
-    train(cases, unlabeled, labels, args.out, config, colors=colors, progress=progress, resume=args.resume)
+    train(cases, unlabeled, labels, args.out, config, colors=colors, progress=progress, resume=args.resume,
+          allow_new_data=args.allow_new_data)
 
 
 def _labels_from_files(cases, names: Sequence[str]) -> dict[int, str]:

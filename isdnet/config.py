@@ -88,6 +88,8 @@ class TrainConfig:
                                         type=float)
     augment: bool = option(True, "random rotation, scaling, flips and intensity changes of training slices")
     seed: int = option(0, "draws the labeled subset, the validation cases and the initial weights", type=int)
+    checkpoint_minutes: float = option(5.0, "also write a checkpoint within an epoch when this many minutes passed "
+                                       "since the last one, so a crash loses minutes, not the epoch", type=float)
     device: str = option("auto", "where to train (auto: CUDA, then Apple MPS, then the CPU)", choices=DEVICES)
     precision: str = option("auto", "bf16 or fp32 (auto: bf16 on GPUs that have it, fp32 on CPUs)",
                             choices=PRECISIONS)
@@ -101,7 +103,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = dict(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                        base_channels=self.base_channels)
+                        base_channels=self.base_channels, checkpoint_minutes=self.checkpoint_minutes)
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -254,7 +256,7 @@ class Event:
     START = "start"  # epochs, iterations_per_epoch, start_epoch, start_iteration, device, precision, method, ...
     ITERATION = "iteration"  # epoch, iteration, iterations, losses, eta_s
     EPOCH = "epoch"  # epoch, epochs, losses, val_dice, best_val_dice, elapsed_s, eta_s
-    CHECKPOINT = "checkpoint"  # epoch, path
+    CHECKPOINT = "checkpoint"  # epoch (the last complete one), path; iteration when written within an epoch
     STOPPED = "stopped"  # epoch, iteration, message
     DONE = "done"  # model, best_val_dice, best_epoch (train); out (segment)
     ERROR = "error"  # message
