@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,14 @@ def _expect_refusal(path, match, header_too=True):
 
 def test_refuses_a_missing_file(tmp_path):
     _expect_refusal(tmp_path / "nothing.safetensors", "does not exist")
+
+
+def test_refuses_a_device_or_a_pipe_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")  # reading it would block for ever
+    for path in (tmp_path / "pipe.safetensors", Path("/dev/zero"), tmp_path):
+        _expect_refusal(path, "is not a file")
 
 
 def test_refuses_a_pickle_without_unpickling_it(tmp_path):
