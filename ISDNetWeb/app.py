@@ -108,6 +108,7 @@ class ISDNetWebApp:
         self.session = WebSession(self.slicer_app.scene, self.slicer_app.volumes_logic, self.workspace,
                                   options.train_arguments, options.device)
         self.secret = secrets.token_urlsafe(32)  # the page's wslink secret, new at every launch
+        self._writable: set[str] = set()  # the state keys a client may change, once the page's state is ready
         self._shown: Optional[tuple[str, str]] = None  # the volume and result the views were last fitted to
         self._chart_epochs: Optional[tuple[int, ...]] = None
         self._poll_task: Optional[asyncio.Task] = None
@@ -128,8 +129,7 @@ class ISDNetWebApp:
             access_middleware(self.options.token, loopback_only=is_loopback(self.options.host)))
         wslink_server.app.router.add_post(SESSION_PATH, self._session)
         self.server.protocol.updateSecret(self.secret)
-        guard.install(wslink_server, self.options.max_upload_bytes + MESSAGE_OVERHEAD,
-                      guard.bound_keys(self.state.initial))  # the templates, built before the server starts
+        guard.install(wslink_server, self.options.max_upload_bytes + MESSAGE_OVERHEAD, self._writable)
 
     async def _session(self, _request: Any) -> Any:
         """The page's session: its websocket (on the host the page came from) and this launch's secret."""
@@ -140,6 +140,7 @@ class ISDNetWebApp:
         self.session.close()
 
     def _ready(self, **_: Any) -> None:
+        self._writable.update(guard.bound_keys(self.state.to_dict()))
         query = f"?token={self.options.token}" if self.options.token else ""
         host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
         print(f"ISDNet web: serving {self.workspace.root} on http://{host}:{self.server.port}/{query}", flush=True)

@@ -67,14 +67,18 @@ def writable_changes(changes: Any, writable: Collection[str]) -> list[dict[str, 
 
 
 def install(wslink_server: Any, max_message_bytes: int, writable: Collection[str]) -> None:
-    """Put the limits on every wslink handler of ``wslink_server`` (trame's ``on_server_bind`` argument)."""
+    """Put the limits on every wslink handler of ``wslink_server`` (trame's ``on_server_bind`` argument).
+
+    ``writable`` holds the keys a client may change; it is read at each update, so the caller may fill it once the
+    page's state is ready (until then a client changes nothing).
+    """
     handlers = {getattr(route.handler, "__self__", None) for route in wslink_server.app.router.routes()}
     for handler in handlers:
         if isinstance(handler, WslinkHandler):
-            _guard(handler, max_message_bytes, frozenset(writable))
+            _guard(handler, max_message_bytes, writable)
 
 
-def _guard(handler: WslinkHandler, max_message_bytes: int, writable: frozenset[str]) -> None:
+def _guard(handler: WslinkHandler, max_message_bytes: int, writable: Collection[str]) -> None:
     connect, complete, send_error = handler.onConnect, handler.onCompleteMessage, handler.sendWrappedError
 
     async def on_connect(request: Any, client_id: str) -> None:

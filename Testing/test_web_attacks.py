@@ -121,11 +121,14 @@ def test_a_client_cannot_change_what_the_page_shows_to_others(served):
             await attacker.set_state(chart=payload, chart_svg=payload, message=payload, trame__template_main=payload,
                                      trame__vue_use=["alert(1)"], trame__title=payload, volumes=[{"name": payload}],
                                      model_name={"not": "plain"})
-            await attacker.set_state(model_name="my model")  # an input of the page: the client's to change
+            await attacker.set_state(Red__SliderState__max_value=99)  # a view's bound, not an input
+            await attacker.set_state(model_name="my model", Red__SliderState__value=0.25)  # inputs: the client's
             after = await victim.state()
-            for key in ("chart", "message", "trame__template_main", "trame__vue_use", "trame__title", "volumes"):
+            for key in ("chart", "message", "trame__template_main", "trame__vue_use", "trame__title", "volumes",
+                        "Red__SliderState__max_value"):
                 assert after[key] == before[key], key
-            assert "chart_svg" not in after and after["model_name"] == "my model"
+            assert "chart_svg" not in after
+            assert (after["model_name"], after["Red__SliderState__value"]) == ("my model", 0.25)
         finally:
             await attacker.close()
             await victim.close()
