@@ -16,7 +16,7 @@ FRONT_ENDS = {"ISDNetLib", "ISDNetWeb", "ISDNetTrain", "ISDNetSegment", "isdnet_
 
 
 def imported_roots(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
               and node.level == 0}
@@ -26,7 +26,7 @@ def imported_roots(path: Path) -> set[str]:
 def test_the_engine_imports_no_front_end_and_leaves_sys_path_alone():
     for path in sorted((ROOT / "isdnet").glob("*.py")):
         assert not imported_roots(path) & FRONT_ENDS, f"{path.name} imports a front end"
-        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+        assert "sys.path" not in path.read_text(encoding="utf-8"), f"{path.name} edits sys.path"
 
 
 def imports_after(code: str, unimportable: tuple[str, ...] = ()) -> set[str]:
