@@ -24,10 +24,11 @@ import slicer.util
 import vtk
 
 from isdnet.config import DATASET_FILE, VOLUME_ENDING
+from isdnet.modelheader import MAX_CLASSES
 
 from .volumes import NodeError, image_from_volume, require_image_data, temporary_nodes
 
-MAX_CLASSES = 255  # label maps are uint8
+MAX_SEGMENTS = MAX_CLASSES - 1  # the classes a model holds, background aside
 
 
 @dataclass
@@ -96,8 +97,8 @@ def _checked_names(volume: Any, segmentation_node: Any) -> list[str]:
         raise NodeError(segmentation_node, f"segment names must be unique, repeated: {duplicates}")
     if "background" in (n.lower() for n in names):
         raise NodeError(segmentation_node, "a segment is named 'background', which is reserved for label 0")
-    if len(names) > MAX_CLASSES:
-        raise NodeError(segmentation_node, f"{len(names)} segments; at most {MAX_CLASSES} are supported")
+    if len(names) > MAX_SEGMENTS:
+        raise NodeError(segmentation_node, f"{len(names)} segments; at most {MAX_SEGMENTS} are supported")
     return names
 
 

@@ -191,6 +191,7 @@ class TrainLogic:
         if resume and not has_checkpoint(model_path):
             raise ValueError(f"{checkpoint_path(model_path)}: there is no checkpoint to resume from")
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+        stop_path(model_path).unlink(missing_ok=True)  # from an earlier run; a Stop from now on is this run's
         if not resume:
             self.history.clear()
         kept = TrainingOptions(dict(options.values), list(options.extra_arguments))  # later edits leave the job alone

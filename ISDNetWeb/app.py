@@ -1,33 +1,45 @@
-"""The trame-slicer page: load volumes and labels, train, segment, and see the result in Slicer's views.
+"""The trame-slicer server: load volumes and labels, train, segment, and see the result in Slicer's views.
 
-The page is a thin layer over ``WebSession`` (and through it TrainLogic and SegmentLogic): every button calls one
-session method, and a timer polls the logics and copies their status into the page's state.
+The page (``page.py``) is a thin layer over ``WebSession`` (and through it TrainLogic and SegmentLogic): every button
+calls one method here, which calls the session, and a timer polls the logics and copies their status into the
+page's state. The server hands the page a secret of its own launch, refuses requests from other sites' pages and
+limits what a client may send (``guard``); stopping it stops the training and segmentation it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from aiohttp import web
 from trame.app import get_server
 from trame.decorators import TrameApp, change
-from trame.ui.vuetify3 import VAppLayout
-from trame.widgets import html
-from trame.widgets import vuetify3 as v3
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from isdnet.config import METHODS, MODEL_SUFFIX, SEGMENTATION_ENDING, TrainConfig
+from isdnet.errors import ISDNetError
 from ISDNetLib.volumes import NodeError
 
-from .chart import training_chart
-from .security import IMAGE_ENDINGS, Upload, Workspace, WorkspaceError, access_middleware, is_loopback
+from . import guard
+from .chart import chart_image, training_chart
+from .page import build_page
+from .security import (
+    Upload,
+    Workspace,
+    WorkspaceError,
+    access_middleware,
+    check_volume,
+    is_loopback,
+)
 from .session import WebSession
 
 POLL_S = 0.5
@@ -36,6 +48,10 @@ LAYOUT = "ISDNet"
 VIEW_ORDER = ("axial", "sagittal", "3D", "coronal")
 # PNG keeps the views exact (and their colours checkable); trame-rca's PIL JPEG fallback garbles slice views here.
 ENCODER = "png"
+# Where trame's page script asks for its session (wslink's session manager, ``${document.baseURI}paraview/``):
+# the answer gives it this launch's secret. Another site's page can neither read it nor pass the origin check.
+SESSION_PATH = "/paraview/"
+MESSAGE_OVERHEAD = 2**20  # bytes of a message beside the one uploaded file it may carry
 
 DEFAULTS = TrainConfig()
 
@@ -54,15 +70,20 @@ class WebOptions:
 
 
 def reports(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Show the errors a user can fix as the page's message instead of raising them into trame."""
+    """Show the errors a user can fix as the page's message instead of raising them into trame; any other error
+    is one line on the page too, its traceback only in the server's output."""
 
     @functools.wraps(method)
     def wrapper(self: ISDNetWebApp, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except (WorkspaceError, NodeError, ValueError, OSError) as error:
+        except (ISDNetError, NodeError, ValueError, OSError) as error:
             self.say(str(error), error=True)
-            return None
+        except Exception as error:  # noqa: BLE001 - a client's malformed call must not reach it as a traceback
+            traceback.print_exc()
+            self.say(f"{method.__name__.replace('_', ' ')} failed unexpectedly ({type(error).__name__}); the "
+                     "server's output has the details", error=True)
+        return None
 
     return wrapper
 
@@ -86,14 +107,16 @@ class ISDNetWebApp:
         self.layout_manager.set_layout(LAYOUT)
         self.session = WebSession(self.slicer_app.scene, self.slicer_app.volumes_logic, self.workspace,
                                   options.train_arguments, options.device)
+        self.secret = secrets.token_urlsafe(32)  # the page's wslink secret, new at every launch
+        self._writable: set[str] = set()  # the state keys a client may change, once the page's state is ready
         self._shown: Optional[tuple[str, str]] = None  # the volume and result the views were last fitted to
         self._chart_epochs: Optional[tuple[int, ...]] = None
         self._poll_task: Optional[asyncio.Task] = None
         self._init_state()
-        self._build_ui()
+        self.ui = build_page(self)
         self.server.controller.on_server_bind.add(self._bind)
         self.server.controller.on_server_ready.add(self._ready)
-        self.server.controller.on_server_exited.add(self.session.close)
+        self.server.controller.on_server_exited.add(self._exited)
 
     @property
     def state(self) -> Any:
@@ -101,10 +124,23 @@ class ISDNetWebApp:
 
     # ----- life cycle
     def _bind(self, wslink_server: Any) -> None:
+        """Gate every request, give the page its secret, and limit what a websocket client may send."""
         wslink_server.app.middlewares.append(
             access_middleware(self.options.token, loopback_only=is_loopback(self.options.host)))
+        wslink_server.app.router.add_post(SESSION_PATH, self._session)
+        self.server.protocol.updateSecret(self.secret)
+        guard.install(wslink_server, self.options.max_upload_bytes + MESSAGE_OVERHEAD, self._writable)
+
+    async def _session(self, _request: Any) -> Any:
+        """The page's session: its websocket (on the host the page came from) and this launch's secret."""
+        return web.json_response({"sessionURL": "ws://USE_HOST/ws", "secret": self.secret})
+
+    def _exited(self, **_: Any) -> None:
+        """The server stops (SIGTERM, Ctrl-C): end the training and segmentation it started."""
+        self.session.close()
 
     def _ready(self, **_: Any) -> None:
+        self._writable.update(guard.bound_keys(self.state.to_dict()))
         query = f"?token={self.options.token}" if self.options.token else ""
         host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
         print(f"ISDNet web: serving {self.workspace.root} on http://{host}:{self.server.port}/{query}", flush=True)
@@ -129,7 +165,7 @@ class ISDNetWebApp:
         s.load_kind = "image"
         s.methods, s.method, s.epochs, s.model_name = list(METHODS), DEFAULTS.method, DEFAULTS.epochs, "model"
         s.train_state, s.train_progress, s.train_text = "idle", 0, ""
-        s.chart_svg = training_chart({})
+        s.chart = chart_image(training_chart({}))
         s.models, s.model = self.session.models(), None
         s.segment_state, s.segment_progress = "idle", 0
         s.show_confidence, s.has_result, s.has_confidence = False, False, False
@@ -141,10 +177,16 @@ class ISDNetWebApp:
         """The one-line message under the title bar."""
         self.state.message, self.state.message_error = text, error
 
+    @reports
     def refresh_lists(self, menu_open: bool = True) -> None:
         """Volumes, workspace files and models as they are now (called when a file menu opens)."""
         if menu_open:
             self._refresh_lists()
+
+    @reports
+    def select_volume(self, volume_id: Any) -> None:
+        """Show a loaded volume (a click in the list)."""
+        self.state.current_volume = self.session.entry(volume_id).node.GetID()
 
     def _refresh_lists(self) -> None:
         self.state.volumes = [entry.row() for entry in self.session.volumes.values()]
@@ -153,16 +195,19 @@ class ISDNetWebApp:
 
     # ----- loading
     @reports
-    def upload(self, files: list[dict[str, Any]], refused: Optional[list[str]] = None) -> None:
-        """Files from the browser: checked, saved under uploads/ in the workspace, then loaded."""
+    def upload(self, files: Any, refused: Any = None) -> None:
+        """Files from the browser (the page sends one a call): checked, saved under uploads/ in the workspace,
+        then loaded."""
         if refused:
-            raise WorkspaceError(f"larger than the upload limit, not sent: {', '.join(map(str, refused))}")
+            raise WorkspaceError(f"larger than the upload limit, not sent: {', '.join(map(str, refused))}"[:300])
+        if not isinstance(files, list):
+            raise WorkspaceError("an upload arrived malformed (not a list of files)")
         folder = self.workspace.folder("uploads")
-        for file in files or []:
+        for file in files:
             upload = Upload.from_client(file, self.options.max_upload_bytes)
             path = upload.save(folder)
             try:
-                self._load(path, f"upload: {upload.name}")
+                self._load(path, f"upload: {upload.name}", uploaded=True)
             except (WorkspaceError, NodeError):
                 path.unlink(missing_ok=True)
                 raise
@@ -174,7 +219,8 @@ class ISDNetWebApp:
             raise WorkspaceError("choose a workspace file first")
         self._load(self.workspace.resolve(self.state.workspace_file), self.state.workspace_file)
 
-    def _load(self, path: Path, source: str) -> None:
+    def _load(self, path: Path, source: str, uploaded: bool = False) -> None:
+        check_volume(self.workspace, path, label=self.state.load_kind == "label", uploaded=uploaded)
         if self.state.load_kind == "label":
             entry = self.session.load_label(path, self.state.current_volume)
             self.say(f"'{path.name}' is now the label of '{entry.node.GetName()}'.")
@@ -197,8 +243,10 @@ class ISDNetWebApp:
     # ----- training
     @reports
     def train(self) -> None:
-        model = self.session.start_training(str(self.state.model_name), str(self.state.method),
-                                            int(self.state.epochs))
+        epochs = self.state.epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs != int(epochs) or epochs < 1:
+            raise WorkspaceError(f"epochs must be a whole number of at least 1, not {str(epochs)[:40]!r}")
+        model = self.session.start_training(str(self.state.model_name), str(self.state.method), int(epochs))
         self._chart_epochs = None  # redraw: a new training starts an empty chart
         self.say(f"Training {self.workspace.relative(model)}...")
         self._poll()
@@ -242,7 +290,7 @@ class ISDNetWebApp:
         epochs = tuple(sorted(self.session.train.history))
         if epochs != self._chart_epochs:
             self._chart_epochs = epochs
-            s.chart_svg = training_chart(self.session.train.history)
+            s.chart = chart_image(training_chart(self.session.train.history))
         if segment.state != s.segment_state and segment.state in ("done", "cancelled", "failed"):
             self.say(segment.message, error=segment.state == "failed")
             self._refresh_lists()
@@ -279,92 +327,6 @@ class ISDNetWebApp:
         if self._shown != shown:  # a new volume, or a first result to frame in 3D
             self._shown = shown
             display.reset_views()
-
-    # ----- page
-    def _build_ui(self) -> None:
-        with VAppLayout(self.server, fill_height=True) as self.ui:
-            self.ui.root.theme = "dark"
-            with v3.VAppBar(density="compact"):
-                v3.VToolbarTitle("ISDNet: train and segment")
-                html.Div("{{ message }}", id="message", classes="text-body-2 mx-4 text-truncate",
-                         style=("{color: message_error ? '#ff6e6e' : '#9ccc65', maxWidth: '65vw'}",))
-            with v3.VNavigationDrawer(permanent=True, width=420, location="left"):
-                self._data_card()
-                self._train_card()
-                self._segment_card()
-            with v3.VMain(style="height: 100vh"), html.Div(classes="d-flex fill-height", style="width: 100%"):
-                self.layout_manager.initialize_layout_grid(self.ui)
-
-    def _data_card(self) -> None:
-        limit = self.options.max_upload_bytes
-        with v3.VCard(title="1. Volumes", density="compact", classes="ma-2"), v3.VCardText():
-            with v3.VBtnToggle(v_model=("load_kind",), mandatory=True, density="compact", divided=True,
-                               classes="mb-2"):
-                v3.VBtn("Image", value="image", id="kind-image")
-                v3.VBtn("Label of selected volume", value="label", id="kind-label")
-            v3.VFileInput(
-                label=f"Upload ({', '.join(IMAGE_ENDINGS)}; up to {limit // 2**20} MiB)", multiple=True,
-                density="compact", id="upload", prepend_icon="mdi-upload", hide_details=True, classes="mb-2",
-                change=(f"trigger('{self.server.controller.trigger_name(self.upload)}', "
-                        f"[Array.from($event.target.files).filter(f => f.size <= {limit}), "
-                        f"Array.from($event.target.files).filter(f => f.size > {limit}).map(f => f.name)])"))
-            with html.Div(classes="d-flex align-center"):
-                v3.VSelect(label="Workspace file", items=("workspace_files",), v_model=("workspace_file",),
-                           density="compact", hide_details=True, id="workspace-file",
-                           update_menu=(self.refresh_lists, "[$event]"))
-                v3.VBtn("Load", click=self.load_workspace_file, id="load-file", classes="ml-2")
-            with v3.VList(density="compact", classes="mt-2", id="volume-list"):
-                with v3.VListItem(v_for="v in volumes", key="v.id", value=("v.id",),
-                                  active=("current_volume === v.id",), click="current_volume = v.id"):
-                    v3.VListItemTitle("{{ v.name }}")
-                    v3.VListItemSubtitle("{{ v.label ? 'label: ' + v.label : 'no label' }}"
-                                         "{{ v.segmented ? ' · segmented' : '' }}")
-                    with v3.VBtnToggle(model_value=("v.role",), mandatory=True, density="compact",
-                                       divided=True, variant="outlined",
-                                       update_modelValue=(self.set_role, "[v.id, $event]")):
-                        for role in ("labeled", "unlabeled", "skip"):
-                            v3.VBtn(role, value=role, size="x-small")
-
-    def _train_card(self) -> None:
-        with v3.VCard(title="2. Train", density="compact", classes="ma-2"), v3.VCardText():
-            with html.Div(classes="d-flex"):
-                v3.VTextField(label="Model name", v_model=("model_name",), density="compact", hide_details=True,
-                              id="model-name")
-                v3.VSelect(label="Method", items=("methods",), v_model=("method",), density="compact",
-                           hide_details=True, classes="mx-2")
-                v3.VTextField(label="Epochs", v_model_number=("epochs",), type="number", density="compact",
-                              hide_details=True, id="epochs", style="max-width: 80px")
-            with html.Div(classes="d-flex my-2"):
-                v3.VBtn("Train", click=self.train, color="primary", id="train",
-                        disabled=("train_state === 'running'",))
-                v3.VBtn("Stop", click=self.stop_training, color="error", id="stop", classes="ml-2",
-                        disabled=("train_state !== 'running'",))
-            v3.VProgressLinear(model_value=("train_progress",), height=18, color="primary", id="train-progress",
-                               children=["{{ train_text || train_state }}"])
-            html.Div(v_html=("chart_svg",), classes="mt-2", id="chart")
-
-    def _segment_card(self) -> None:
-        with v3.VCard(title="3. Segment", density="compact", classes="ma-2"), v3.VCardText():
-            v3.VSelect(label="Model", items=("models",), v_model=("model",), density="compact",
-                       hide_details=True, id="model", update_menu=(self.refresh_lists, "[$event]"))
-            with html.Div(classes="d-flex align-center my-2"):
-                v3.VBtn("Segment selected volume", click=self.segment, color="primary", id="segment",
-                        disabled=("segment_state === 'running' || !current_volume || !model",))
-            v3.VSwitch(label="Show the confidence map", v_model=("show_confidence",), density="compact",
-                       hide_details=True, id="confidence", disabled=("!has_confidence",))
-            v3.VProgressLinear(model_value=("segment_progress",), height=6, color="secondary",
-                               active=("segment_state === 'running'",))
-            with html.Div(classes="d-flex mt-2"):
-                v3.VBtn(".seg.nrrd", prepend_icon="mdi-download", id="download-segmentation",
-                        disabled=("!has_result",),
-                        click=(f"utils.download(seg_file_name, trigger('"
-                               f"{self.server.controller.trigger_name(self.download_segmentation)}'), "
-                               "'application/octet-stream')"))
-                v3.VBtn("Model", prepend_icon="mdi-download", id="download-model", classes="ml-2",
-                        disabled=("!model",),
-                        click=(f"utils.download(model_file_name, trigger('"
-                               f"{self.server.controller.trigger_name(self.download_model)}'), "
-                               "'application/octet-stream')"))
 
 
 def serve(options: WebOptions) -> None:

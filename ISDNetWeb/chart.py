@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 from html import escape
 
@@ -60,3 +61,8 @@ def training_chart(history: dict[int, dict[str, float]]) -> str:
                  f'<text x="{WIDTH - 8}" y="{bottom + LINE}" text-anchor="end" fill="#888">epoch {epochs[-1]}</text>'
                  f'<text x="{MARGIN}" y="{bottom + LINE}" fill="#888">epoch {epochs[0]}</text></svg>')
     return "".join(parts)
+
+
+def chart_image(svg: str) -> str:
+    """The chart as a ``data:`` address for an ``<img>``: an image shows, never runs, what it holds."""
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import slicer
 
-from isdnet.config import CHECKPOINT_SUFFIX, MODEL_SUFFIX
+from isdnet.config import CHECKPOINT_SUFFIX, MODEL_SUFFIX, SEGMENTATION_ENDING, training_files
 from ISDNetLib.segment import SegmentLogic, SegmentStatus
 from ISDNetLib.train import TrainingOptions, TrainingStatus, TrainLogic
 from ISDNetLib.volumes import temporary_nodes
@@ -68,9 +68,10 @@ class WebSession:
 
     # ----- data
     def load_image(self, path: Path, source: str) -> VolumeEntry:
-        """Load an image file as a new volume (unlabeled until a label is attached)."""
+        """Load an image file (that one file, never a series of its neighbours) as a new volume (unlabeled until
+        a label is attached)."""
         name = path.name[:-len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
-        node = self.volumes_logic.AddArchetypeVolume(str(path), name, 0, None)
+        node = self.volumes_logic.AddArchetypeVolume(str(path), name, self.volumes_logic.SingleFile, None)
         if node is None or node.GetImageData() is None:
             if node is not None:
                 self.scene.RemoveNode(node)
@@ -79,9 +80,9 @@ class WebSession:
         self.volumes[node.GetID()] = entry
         return entry
 
-    def entry(self, volume_id: str) -> VolumeEntry:
+    def entry(self, volume_id: Any) -> VolumeEntry:
         """The loaded volume with this node ID; raises WorkspaceError when there is none."""
-        if volume_id not in self.volumes:
+        if not isinstance(volume_id, str) or volume_id not in self.volumes:
             raise WorkspaceError("choose a loaded volume first")
         return self.volumes[volume_id]
 
@@ -118,6 +119,7 @@ class WebSession:
             labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__isdnet_web_label__")
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(path))
+            storage.SetSingleFile(1)  # this file alone, not a series of its neighbours
             if not storage.ReadData(labelmap) or labelmap.GetImageData() is None:
                 raise WorkspaceError(f"'{path.name}' could not be read as a label map")
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
@@ -141,15 +143,23 @@ class WebSession:
 
     # ----- training
     def start_training(self, name: str, method: str, epochs: int) -> Path:
-        """Export the labeled and unlabeled volumes and start TrainLogic; returns the model path."""
+        """Export the labeled and unlabeled volumes and start TrainLogic; returns the model path.
+
+        Refused while a training runs (its dataset and status stay as they are), and when the dataset folder, or
+        a file the training writes, would lead outside the workspace.
+        """
+        if self.train.is_running:
+            raise WorkspaceError("a training is running already: wait for it, or stop it, before starting another")
         name = model_name(name)
         labeled = [(e.node, e.label) for e in self.volumes.values() if e.role == "labeled"]
         unlabeled = [e.node for e in self.volumes.values() if e.role == "unlabeled"]
         options = TrainingOptions(dict(method=method, epochs=epochs, device=self.device), self.train_arguments)
         options.validate()
-        folder = self.workspace.folder("datasets") / name
-        self.train.export_dataset(labeled, unlabeled, folder)
+        folder = self.workspace.inside_tree(self.workspace.folder("datasets") / name)
         model = self.workspace.folder("models") / f"{name}{MODEL_SUFFIX}"
+        for path in training_files(model):
+            self.workspace.inside(path)
+        self.train.export_dataset(labeled, unlabeled, folder)
         self.train.start(folder, model, options)
         return model
 
@@ -200,7 +210,7 @@ class WebSession:
         if entry.result is None:
             raise WorkspaceError(f"'{entry.node.GetName()}' has not been segmented yet")
         stem = SAFE_NAME.sub("_", entry.node.GetName()).strip("._") or "segmentation"
-        path = self.workspace.folder("segmentations") / f"{stem}.seg.nrrd"
+        path = self.workspace.inside(self.workspace.folder("segmentations") / f"{stem}{SEGMENTATION_ENDING}")
         storage = slicer.vtkMRMLSegmentationStorageNode()
         storage.SetFileName(str(path))
         if not storage.WriteData(entry.result):
@@ -208,6 +218,7 @@ class WebSession:
         return path
 
     def close(self) -> None:
-        """End any running child process."""
-        self.train.stop()
+        """End any running child process: a training is asked to save its checkpoint and stop (killed if it does
+        not), so that resume loses nothing."""
+        self.train.on_application_exit()
         self.segment.cancel()

@@ -118,6 +118,27 @@ def test_dataset_json_errors(tmp_path, mutate, problem):
     assert "dataset.json" in str(info.value)
 
 
+@pytest.mark.parametrize("layout", ["decathlon", "nnunet"])
+@pytest.mark.parametrize("data_file", ["../../../etc/passwd", "/dev/zero", "../../outside.raw", "LIST\n../../x.raw",
+                                       "../../%d.raw 1 2 1"])
+def test_detached_data_outside_the_dataset_is_refused(tmp_path, layout, data_file):
+    """A header inside the dataset may not take its voxels from outside it, any more than a listed path may."""
+    image, label = phantom(size_xyz=(8, 8, 4))
+    root = tmp_path / "ds"
+    ending = ".nhdr"
+    header = write(image, root / "imagesTr" / f"case_0{'_0000' if layout == 'nnunet' else ''}{ending}")
+    write(label, root / "labelsTr" / f"case_0{ending}")
+    meta = {"labels": {"0": "background", "1": "left", "2": "right"}}
+    meta.update({"training": [{"image": f"./imagesTr/{header.name}", "label": f"./labelsTr/case_0{ending}"}]}
+                if layout == "decathlon" else {"file_ending": ending})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert load_dataset(root).cases[0].image == header  # its own data file, beside it, is fine
+    header.write_text(header.read_text().replace(f"data file: {header.name[:-5]}.raw", f"data file: {data_file}"))
+    with pytest.raises(InputError, match="outside the dataset folder") as info:
+        load_dataset(root)
+    assert str(info.value).startswith(str(header))
+
+
 def _edit(root: Path, **changes) -> None:
     meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta.update(changes)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from isdnet.checkpoint import tensor_checksum
+from isdnet.checkpoint import checksum
 from isdnet.config import TrainConfig
 from isdnet.distributed import ProcessGroup
 from isdnet.infer import segment
@@ -43,7 +43,7 @@ def _steps_on_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> 
         x = torch.randn(2, 1, 32, 32)
         y = torch.randint(0, 3, (2, 32, 32))
         trainer.train_step(x, y, torch.randn(2, 1, 32, 32))
-        digests.append(tensor_checksum({k: v for k, v in trainer.state_tensors().items() if k.startswith("net.")}))
+        digests.append(checksum({k: v for k, v in trainer.state_tensors().items() if k.startswith("net.")}, ""))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(digests), encoding="utf-8")
     dist.destroy_process_group()
 

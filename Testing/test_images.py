@@ -149,6 +149,33 @@ def test_error_damaged_nifti_header_is_refused_before_itk_reads_it(tmp_path, off
         expect_input_error(path, problem, lambda p=path: read_image(p))
 
 
+def test_detached_data_files_are_followed_only_to_regular_files(tmp_path):
+    """A NRRD or MetaImage header names where its voxels are: one file, a LIST, or a pattern. Each named file must
+    be a regular file, never a device (/dev/zero would feed zeros for ever) or a pipe (which blocks)."""
+    import os
+
+    from isdnet.detached import data_files
+
+    image = sitk.GetImageFromArray(np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8) + 1)
+    nhdr, mhd = write(image, tmp_path / "scan.nhdr"), write(image, tmp_path / "meta.mhd")
+    assert data_files(nhdr) == [tmp_path / "scan.raw"] and data_files(mhd) == [tmp_path / "meta.raw"]
+    assert data_files(write(image, tmp_path / "inline.nrrd")) == data_files(write(image, tmp_path / "in.mha")) == []
+    assert read_image(nhdr).GetSize() == (8, 6, 4)
+    os.mkfifo(tmp_path / "pipe.raw")
+    text = nhdr.read_text()
+    for field, problem in (("data file: /dev/zero", "/dev/zero, which is not a regular file"),
+                           ("data file: pipe.raw", "pipe.raw, which is not a regular file"),
+                           ("data file: missing.raw.gz", "missing.raw.gz, which does not exist"),
+                           ("datafile: LIST\nscan.raw\nmissing_2.raw", "missing_2.raw, which does not exist"),
+                           ("data file: slice%02d.raw 1 3 1", "slice01.raw, which does not exist")):
+        damaged = tmp_path / "damaged.nhdr"
+        damaged.write_text(text.replace("data file: scan.raw", field))
+        expect_input_error(damaged, problem, lambda p=damaged: read_image(p))
+    damaged = tmp_path / "damaged.mhd"
+    damaged.write_text(mhd.read_text().replace("ElementDataFile = meta.raw", "ElementDataFile = /dev/zero"))
+    expect_input_error(damaged, "/dev/zero, which is not a regular file", lambda: read_image(damaged))
+
+
 def test_error_missing_image(tmp_path):
     with pytest.raises(InputError, match="nothing.nrrd: does not exist"):
         read_image(tmp_path / "nothing.nrrd")

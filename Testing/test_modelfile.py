@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
 
-from isdnet.errors import ModelFileError
+from isdnet.errors import InputError, ModelFileError
 from isdnet.modelfile import default_colors, load_model, make_header, save_model
 from isdnet.modelheader import METADATA_KEY, read_header
 from isdnet.networks import ConfidenceNet, SUNet
@@ -93,6 +94,14 @@ def test_refuses_a_missing_file(tmp_path):
     _expect_refusal(tmp_path / "nothing.safetensors", "does not exist")
 
 
+def test_refuses_a_device_or_a_pipe_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")  # reading it would block for ever
+    for path in (tmp_path / "pipe.safetensors", Path("/dev/zero"), tmp_path):
+        _expect_refusal(path, "is not a file")
+
+
 def test_refuses_a_pickle_without_unpickling_it(tmp_path):
     path = tmp_path / "model.safetensors"
 
@@ -162,6 +171,58 @@ def test_refuses_header_schema_violations_naming_the_field(saved, field, value, 
     _expect_refusal(_rewrite(saved[0], header=header), match)
     with pytest.raises(ModelFileError, match=match):
         save_model(saved[0].parent / "other.safetensors", header, saved[2], saved[3])
+
+
+@pytest.mark.parametrize("part, option, value, match", [
+    ("segmenter", "groups", 0, r"architecture\.segmenter\.groups is invalid: 0 is less than the minimum of 1"),
+    ("segmenter", "base_channels", 10**6, r"architecture\.segmenter\.base_channels .* greater than the maximum"),
+    ("segmenter", "depth", 60, r"architecture\.segmenter\.depth .* greater than the maximum"),
+    ("segmenter", "base_channels", -4, r"architecture\.segmenter\.base_channels .* less than the minimum"),
+    ("segmenter", "in_channels", 2, r"architecture\.segmenter\.in_channels is invalid: 1 was expected"),
+    ("segmenter", "depth", 2.5, r"architecture\.segmenter\.depth is invalid: 2\.5 is not of type 'integer'"),
+    ("segmenter", "widths", [1], r"architecture\.segmenter is invalid: Additional properties .*'widths'"),
+    ("confidence", "output_stride", 3, r"architecture\.confidence"),
+    ("confidence", "base_channels", 0, r"architecture\.confidence"),
+])
+def test_refuses_network_options_out_of_bounds_before_building_anything(saved, part, option, value, match):
+    """Each network option is bounded in the schema, so no header gets as far as building a network with them (a
+    ZeroDivisionError, a 36 TB allocation, a RuntimeError at run time). The bounds live with the network classes
+    (torch), so the torch-free ``read_header``, which only shows a model, does not apply them."""
+    header = copy.deepcopy(saved[1])
+    header["architecture"][part][option] = value
+    _expect_refusal(_rewrite(saved[0], header=header), match, header_too=False)
+
+
+@pytest.mark.parametrize("metadata, match", [
+    ('{"format": "isdnet-model", "normalisation": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested deeper"),
+    ('{"format": "isdnet-model", "normalisation": ' + '{"a": ' * 40 + "0" + "}" * 40 + "}", "nested deeper"),
+    ("NaN", "NaN, which is not a number JSON allows"),
+])
+def test_refuses_deep_nesting_and_non_finite_numbers(saved, metadata, match):
+    _expect_refusal(_rewrite(saved[0], metadata={METADATA_KEY: metadata}), match)
+    header = copy.deepcopy(saved[1])
+    header["geometry"]["spacing"] = [float("inf"), 1.0]  # json.dumps writes Infinity, which JSON does not allow
+    _expect_refusal(_rewrite(saved[0], metadata={METADATA_KEY: json.dumps(header)}), "Infinity")
+
+
+def test_weights_are_checked_against_the_header_before_any_network_is_built(saved, monkeypatch):
+    """A header within the bounds whose networks would need far more memory than its weights: refused on the
+    weights' shapes, which the file's table gives, before building anything; and a model too large for the free
+    memory is refused from its table before any weight is read."""
+    import isdnet.modelfile as modelfile
+
+    def no_building(description, device=None):
+        assert device == "meta", "a network was built before the weights were checked"
+        return real_build(description, device)
+
+    real_build = modelfile.build_network
+    monkeypatch.setattr(modelfile, "build_network", no_building)
+    header = copy.deepcopy(saved[1])
+    header["architecture"]["segmenter"].update(base_channels=256, depth=7)
+    _expect_refusal(_rewrite(saved[0], header=header), "segmenter.encoders.0.0.weight has shape", header_too=False)
+    monkeypatch.setenv("ISDNET_AVAILABLE_MEMORY", "1000")
+    with pytest.raises(InputError, match="model.safetensors: needs about .* of memory but only .* a smaller model"):
+        load_model(saved[0])
 
 
 def test_refuses_an_unknown_format_version(saved):

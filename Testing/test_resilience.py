@@ -9,16 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import safetensors.torch
+import SimpleITK as sitk
 import torch
 
 from isdnet.checkpoint import load_latest, read_checkpoint, save_checkpoint
-from isdnet.config import TrainConfig, checkpoint_path
+from isdnet.config import TEMPORARY_MARKER, TrainConfig, checkpoint_path
 from isdnet.config import previous_checkpoint_path as previous_path
 from isdnet.dataset import load_dataset
 from isdnet.errors import InputError, TrainingError
-from isdnet.files import OutputLock, write_atomically
+from isdnet.files import OutputLock, remove_stale_temporaries, write_atomically, write_image_atomically
 from isdnet.modelfile import load_model
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.progress import Progress
@@ -71,7 +73,7 @@ def test_the_newest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, previous_path(path).name])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum", "metadata"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     path = tmp_path / "m.checkpoint.safetensors"
     save_checkpoint(path, tensors(1.0), {"epoch": 1})
@@ -81,11 +83,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(len(data)))
-    else:  # a well-formed file whose tensors no longer match the checksum it carries
+    else:  # a well-formed file whose tensors or metadata no longer match the checksum it carries
         with safetensors.safe_open(str(path), "pt") as f:
             metadata = f.metadata()
-        safetensors.torch.save_file(tensors(9.0), str(path), metadata=metadata)
-    with pytest.raises(InputError, match="checksum" if damage == "checksum" else "not a complete checkpoint"):
+        if damage == "metadata":
+            metadata["isdnet-checkpoint"] = json.dumps({"epoch": 7})
+        safetensors.torch.save_file(tensors(9.0 if damage == "checksum" else 2.0), str(path), metadata=metadata)
+    with pytest.raises(InputError, match="checksum" if damage in ("checksum", "metadata") else "not a complete"):
         read_checkpoint(path)
     reports = []
     loaded, meta, used = load_latest(path, report=reports.append)
@@ -118,6 +122,61 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, 
     assert str(path) in str(error.value)
     assert path.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def _writer_killed_mid_write(target: Path) -> subprocess.Popen:
+    """A child process writing ``target`` with write_image_atomically, stopped mid-write (ITK's write made slow)."""
+    code = ("import sys, time, SimpleITK as sitk\n"
+            "from isdnet import files\n"
+            "def slow(image, name, useCompression=True):\n"
+            "    open(name, 'wb').write(b'half of a volume')\n"
+            "    print('writing', flush=True)\n"
+            "    time.sleep(120)\n"
+            "sitk.WriteImage = slow\n"
+            "files.write_image_atomically(sitk.Image(4, 4, 4, sitk.sitkUInt8), sys.argv[1])\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert writer.stdout.readline().strip() == "writing"
+    return writer
+
+
+def test_a_killed_writers_temporary_is_removed_and_a_live_writers_is_not(tmp_path):
+    """kill -9 mid-write leaves a temporary among the outputs: evaluate ignores it, the next write removes it,
+    and no write ever removes the temporary of a writer still at work."""
+    from isdnet.metrics import evaluate_folders
+
+    out = tmp_path / "out"
+    out.mkdir()
+    label = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    label[1, 1, 1] = 1
+    sitk.WriteImage(label, str(out / "done.nii.gz"))
+    writer = _writer_killed_mid_write(out / "big.nii.gz")
+    try:
+        (temporary,) = [p for p in out.iterdir() if p.name.startswith(".big.nii.gz.")]
+        remove_stale_temporaries(out / "big.nii.gz")
+        assert temporary.exists(), "the temporary of a live writer was deleted"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert temporary.exists() and temporary.name.endswith(".nii.gz")
+    assert [c["name"] for c in evaluate_folders(out, out)["cases"]] == ["done"]  # the leftover is no prediction
+    write_image_atomically(label, out / "big.nii.gz")
+    assert sorted(p.name for p in out.iterdir()) == ["big.nii.gz", "done.nii.gz"]
+
+
+def test_only_this_outputs_own_temporaries_are_ever_removed(tmp_path):
+    """Other files that look like temporaries (a user's .m-notes.tmp, another model's checkpoint mid-write, the
+    old naming) are never deleted, by the lock or by a write."""
+    others = [".mynotes.tmp", ".m2.safetensors.abcd1234.tmp", ".m.safetensors.x.tmp", ".m2.safetensors.0123456789ab"
+              ".isdnet-tmp", ".m.safetensors.0123456789ab.isdnet-tmp.gz.tar.bz"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"keep me")
+    abandoned = tmp_path / ".m.safetensors.0123456789ab.isdnet-tmp"
+    abandoned.write_bytes(b"left by a killed writer")
+    with OutputLock(tmp_path / "m.safetensors"):
+        write_atomically(tmp_path / "m.safetensors", b"model")
+    assert not abandoned.exists()
+    assert all((tmp_path / name).read_bytes() == b"keep me" for name in others)
 
 
 def test_two_trainings_cannot_write_the_same_output(tmp_path):
@@ -223,4 +282,20 @@ def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, t
     assert model.header["provenance"]["method"] == "isdnet"
     state = read_checkpoint(checkpoint_path(out))[1]["state"]
     assert state["epoch"] == 12 and [h["epoch"] for h in state["history"]] == list(range(1, 13))
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(f".*{TEMPORARY_MARKER}*"))
+
+
+def test_a_stop_pressed_while_training_starts_is_honoured_and_an_old_one_is_not(tmp_path):
+    """The stop file may appear before the trainer has imported torch (Stop right after Start): it is honoured.
+    One older than the trainer's process was left by a killed run and is removed, so it cannot stop a new run."""
+    from isdnet.train import StopRequest
+
+    fresh = tmp_path / "fresh.stop"
+    fresh.touch()
+    assert StopRequest(fresh).requested and fresh.exists()
+    stale = tmp_path / "stale.stop"
+    stale.touch()
+    started = psutil.Process().create_time()
+    os.utime(stale, (started - 60, started - 60))
+    request = StopRequest(stale)
+    assert not request.requested and not stale.exists()

@@ -9,15 +9,11 @@ downloads the results and stops a second training mid-way. Screenshots are kept 
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import os
-import queue
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -26,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from web_client import Server
 
 from ISDNetWeb.cli import main as web_main
 from ISDNetWeb.security import (
@@ -86,8 +83,9 @@ def test_serving_beyond_loopback_needs_a_token(capsys):
     check_serving("0.0.0.0", TOKEN)
     with pytest.raises(WorkspaceError, match="token"):
         check_serving("0.0.0.0", None)
-    with pytest.raises(WorkspaceError, match="16 characters"):
-        check_serving("127.0.0.1", "short")
+    for bad in ("short", " " * 20, "a token with spaces inside", "tab\tseparated-token-text"):
+        with pytest.raises(WorkspaceError, match="16 characters, printable and without spaces"):
+            check_serving("127.0.0.1", bad)
     assert web_main(["--host", "0.0.0.0", "--token", ""]) == 2
     assert "needs an access token" in capsys.readouterr().err
 
@@ -141,60 +139,13 @@ def _missing_for_browser() -> str:
     return ""
 
 
-class Server:
-    """``isdnet-web`` in its own process group; its output is read by a thread so waits stay bounded."""
-
-    def __init__(self, workspace: Path, train_options: str):
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ISDNetWeb", "--port", "0", "--workspace", str(workspace), "--device", "cpu",
-             "--token", TOKEN, "--train-options", train_options],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env=dict(os.environ), encoding="utf-8")
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def url(self, timeout_s: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if "ISDNet web: serving" in line:
-                return line.split(" on ", 1)[1].strip()
-        raise AssertionError("the server did not print its address within "
-                             f"{timeout_s:.0f} s; its output:\n" + "\n".join(self.log[-40:]))
-
-    def stop(self) -> None:
-        """End the server and everything it started (training and segmentation children)."""
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
 @pytest.fixture
 def web_server(tmp_path) -> Iterator[tuple[str, Path]]:
     from isdnet.phantoms import write_phantom_dataset
 
     workspace = tmp_path / "workspace"
     write_phantom_dataset(workspace / "phantoms", 3, shape=(12, 48, 48))
-    server = Server(workspace, TINY)
+    server = Server(workspace, "--token", TOKEN, "--train-options", TINY)
     try:
         yield server.url(), workspace
     finally:
@@ -272,7 +223,9 @@ def test_train_and_segment_in_chromium(web_server):
             page.click("#train")
             wait_for_text(page, "#message", ("Training finished", "Training failed"), 300, "the first training")
             assert "Training finished" in page.locator("#message").inner_text()
-            assert page.locator("#chart polyline").count() >= 2, "no loss/Dice curves in the chart"
+            chart = page.locator("#chart").get_attribute("src")
+            assert chart.startswith("data:image/svg+xml;base64,"), "the chart is not an image"
+            assert base64.b64decode(chart.split(",", 1)[1]).count(b"<polyline") >= 2, "no loss/Dice curves"
             page.screenshot(path=str(ARTIFACTS / "web-2-trained.png"))
 
             page.get_by_text("phantom_002", exact=True).click()

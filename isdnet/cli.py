@@ -32,7 +32,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep labels for this fraction of the training cases, drawn with --seed "
                    "(0.5 = the paper's 1/2)")
     add_train_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint beside --out (with none yet, start from the beginning)")
+    p.add_argument("--allow-new-data", action="store_true",
+                   help="with --resume: go on from a checkpoint made on other cases (they are named)")
     p.add_argument("--progress-json", action="store_true", help="one JSON object per line on stdout")
 
 
@@ -98,7 +101,7 @@ def run_train(args: argparse.Namespace, progress: Progress) -> None:
     if config.class_weights is None:
         config.class_weights = [1.0] * len(labels)  # plain Dice, written into the model's provenance
     train(cases, unlabeled, labels, args.out, config, colors=colors, terminology=terminology, progress=progress,
-          resume=args.resume)
+          resume=args.resume, allow_new_data=args.allow_new_data)
 
 
 def _labels_from_files(cases, names: Sequence[str]
@@ -125,15 +128,16 @@ def _labels_from_files(cases, names: Sequence[str]
 
 
 def run_segment(args: argparse.Namespace, progress: Progress) -> None:
-    from .dataset import case_name
+    from .files import check_outputs_apart, output_folder
     from .infer import segment
     from .modelfile import load_model
-    from .outputs import write_segmentation
+    from .outputs import output_names, segmentation_files, write_segmentation
 
+    names = output_names(args.images)
+    check_outputs_apart([p for n in names for p in segmentation_files(args.out, n, args.confidence)], args.images)
     model = load_model(args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(args.images):
-        name = case_name(image)
+    output_folder(args.out)
+    for index, (image, name) in enumerate(zip(args.images, names)):
 
         def report(done: int, total: int, case: str = name) -> None:
             if progress.json_lines:
@@ -149,12 +153,13 @@ def run_segment(args: argparse.Namespace, progress: Progress) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from .files import write_atomically
     from .metrics import evaluate_folders
 
     metrics = evaluate_folders(args.pred, args.truth)
     text = json.dumps(metrics, indent=2)
     if args.json:
-        args.json.write_text(text, encoding="utf-8")
+        write_atomically(args.json, text.encode("utf-8"))
     print(text)
 
 

@@ -90,6 +90,8 @@ class TrainConfig:
     init_from: Optional[str] = option(None, "start from the networks of this model file (fine-tuning): its classes "
                                       "must be the data's, and its slice geometry is kept", metavar="MODEL")
     seed: int = option(0, "draws the labeled subset, the validation cases and the initial weights", type=int)
+    checkpoint_minutes: float = option(5.0, "also write a checkpoint within an epoch when this many minutes passed "
+                                       "since the last one, so a crash loses minutes, not the epoch", type=float)
     device: str = option("auto", "where to train (auto: CUDA, then Apple MPS, then the CPU)", choices=DEVICES)
     precision: str = option("auto", "bf16 or fp32 (auto: bf16 on GPUs that have it, fp32 on CPUs)",
                             choices=PRECISIONS)
@@ -103,7 +105,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = dict(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                        base_channels=self.base_channels)
+                        base_channels=self.base_channels, checkpoint_minutes=self.checkpoint_minutes)
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -205,6 +207,8 @@ DATASET_FILE = "dataset.json"
 VOLUME_ENDING = ".nii.gz"  # the volumes the engine and the front ends write: images, label maps, confidence maps
 SEGMENTATION_ENDING = ".seg.nrrd"
 CONFIDENCE_SUFFIX = "_confidence"  # <case>_confidence.nii.gz beside <case>.nii.gz
+LOCK_SUFFIX = ".lock"  # the training lock beside a model: name.safetensors.lock
+TEMPORARY_MARKER = ".isdnet-tmp"  # in every temporary the engine writes: .<target>.<random hex><marker><ending>
 
 
 def model_stem(model_path: Path) -> str:
@@ -245,6 +249,18 @@ def log_path(model_path: Path) -> Path:
     return Path(model_path).with_name(model_stem(model_path) + LOG_SUFFIX)
 
 
+def lock_path(model_path: Path) -> Path:
+    """The lock a training holds on its model: ``name.safetensors.lock``."""
+    return Path(model_path).with_name(Path(model_path).name + LOCK_SUFFIX)
+
+
+def training_files(model_path: Path) -> list[Path]:
+    """Every file a training writes beside its model (the model, its checkpoints, lock and log), temporaries aside."""
+    checkpoint = checkpoint_path(model_path)
+    return [Path(model_path), checkpoint, previous_checkpoint_path(checkpoint), lock_path(model_path),
+            log_path(model_path)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Progress events: one JSON object per line on stdout with ``--progress-json``
 
@@ -255,7 +271,7 @@ class Event:
     START = "start"  # epochs, iterations_per_epoch, start_epoch, start_iteration, device, precision, method, ...
     ITERATION = "iteration"  # epoch, iteration, iterations, losses, eta_s
     EPOCH = "epoch"  # epoch, epochs, losses, val_dice, best_val_dice, elapsed_s, eta_s
-    CHECKPOINT = "checkpoint"  # epoch, path
+    CHECKPOINT = "checkpoint"  # epoch (the last complete one), path; iteration when written within an epoch
     STOPPED = "stopped"  # epoch, iteration, message
     DONE = "done"  # model, best_val_dice, best_epoch (train); out (segment)
     ERROR = "error"  # message

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import DATASET_FILE
+from .detached import data_files
 from .errors import InputError, PathLike
 
 IMAGE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -178,7 +179,18 @@ def _listed_path(entry: Any, root: Path, json_path: Path) -> Path:
                                     "paths must stay inside it")
     if not path.exists():
         raise InputError(path, f"is listed in {json_path} but does not exist")
+    _check_data_files(path, root)
     return path
+
+
+def _check_data_files(path: Path, root: Path) -> None:
+    """Refuse a header whose voxels lie in data files outside the dataset folder, as a listed path outside it is."""
+    if not path.is_file():
+        return  # a DICOM folder: its files are inside it
+    for data in data_files(path):
+        if root not in data.parents:
+            raise InputError(path, f"its header names the data file {data}, which is outside the dataset folder "
+                                   f"{root}; the voxels must stay inside it")
 
 
 def _decathlon_cases(training: Any, root: Path, json_path: Path) -> list[Case]:
@@ -215,6 +227,8 @@ def _nnunet_cases(root: Path, file_ending: Any, json_path: Path) -> list[Case]:
         label = root / "labelsTr" / f"{name}{file_ending}"
         if not label.is_file():
             raise InputError(label, f"does not exist: the training image {image.name} has no label")
+        for path in (image, label):
+            _check_data_files(path, root)
         cases.append(Case(name, image, label))
     return cases
 

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .detached import data_files
 from .errors import InputError, PathLike
 from .nifti import check_nifti, is_nifti
 from .segfiles import flatten_layers, is_segmentation_file
@@ -82,14 +83,13 @@ def available_memory() -> Optional[int]:
     return free
 
 
-def check_memory(path: PathLike, needed_bytes: int) -> None:
+def check_memory(path: PathLike, needed_bytes: int, remedy: str = "crop or downsample the volume") -> None:
     """Refuse up front, with InputError naming ``path``, work needing more memory than is free, rather than
     being killed by the operating system halfway."""
     free = available_memory()
     if free is not None and needed_bytes > free:
         raise InputError(path, f"needs about {needed_bytes / 1e9:.1f} GB of memory but only {free / 1e9:.1f} GB "
-                               "are free; close other programs, use a machine with more memory, or crop or "
-                               "downsample the volume")
+                               f"are free; close other programs, use a machine with more memory, or {remedy}")
 
 
 def _check_header(path: Path, bytes_per_voxel: int) -> None:
@@ -104,22 +104,32 @@ def _check_header(path: Path, bytes_per_voxel: int) -> None:
     check_memory(path, voxels * bytes_per_voxel)
 
 
+def check_volume_file(path: PathLike, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL) -> None:
+    """What can be checked of a volume file before any voxel is read: a NIfTI header and length (ITK hangs on
+    some damaged headers and pads truncated data), the data files a NRRD or MetaImage header names (regular
+    files only, never a device or a pipe), and the memory that ``bytes_per_voxel`` times its voxels need."""
+    path = Path(path)
+    if is_nifti(path):
+        check_nifti(path)
+    for data in data_files(path):
+        if not data.is_file():
+            problem = "is not a regular file" if data.exists() else "does not exist"
+            raise InputError(path, f"its header names the data file {data}, which {problem}")
+    _check_header(path, bytes_per_voxel)
+
+
 def _read_any(path: PathLike, what: str, bytes_per_voxel: int = IMAGE_BYTES_PER_VOXEL,
               layers: bool = False) -> sitk.Image:
     """Read an image file or a DICOM series folder as a 3D scalar image, in its stored pixel type (with ``layers``,
-    several components a voxel pass: the layers of a segmentation file).
-
-    A file's header is read first and the volume refused if ``bytes_per_voxel`` times its voxels exceeds the
-    free memory.
-    """
+    several components a voxel pass: the layers of a segmentation file), after ``check_volume_file``."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, f"does not exist (expected {what})")
-    if path.is_file() and is_nifti(path):
-        check_nifti(path)  # before ITK, which hangs on some damaged headers and pads truncated data
+    if not path.is_file() and not path.is_dir():
+        raise InputError(path, f"is neither a file nor a folder (expected {what})")
     try:
         if path.is_file():
-            _check_header(path, bytes_per_voxel)
+            check_volume_file(path, bytes_per_voxel)
         if path.is_dir():
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not series:

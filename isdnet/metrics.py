@@ -195,6 +195,11 @@ def _case_name(path: Path) -> str:
     return path.name[: -len(VOLUME_ENDING)]
 
 
+def _label_maps(folder: Path) -> list[Path]:
+    """The ``<case>.nii.gz`` files of a folder; hidden ones (such as a killed writer's temporaries) left out."""
+    return sorted(p for p in folder.glob("*" + VOLUME_ENDING) if not p.name.startswith("."))
+
+
 def evaluate_folders(pred_dir: PathLike, truth: PathLike,
                      labels: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """Evaluate every ``<case>.nii.gz`` label map of ``pred_dir`` against its ground truth.
@@ -208,8 +213,7 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
     for folder in (pred_dir, truth):
         if not folder.is_dir():
             raise InputError(folder, "is not a folder")
-    predictions = sorted(p for p in pred_dir.glob("*" + VOLUME_ENDING)
-                         if not _case_name(p).endswith(CONFIDENCE_SUFFIX))
+    predictions = [p for p in _label_maps(pred_dir) if not _case_name(p).endswith(CONFIDENCE_SUFFIX)]
     if not predictions:
         raise InputError(pred_dir, f"contains no {VOLUME_ENDING} label maps")
     if (truth / DATASET_FILE).is_file():
@@ -217,7 +221,7 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
         truth_files = {case.name: case.label for case in spec.cases if case.label is not None}
         labels = sorted(v for v in spec.labels if v != 0) if labels is None else labels
     else:
-        truth_files = {_case_name(p): p for p in truth.glob("*" + VOLUME_ENDING)}
+        truth_files = {_case_name(p): p for p in _label_maps(truth)}
     missing = [_case_name(p) for p in predictions if _case_name(p) not in truth_files]
     if missing:
         raise InputError(truth, f"has no ground truth for the predicted case(s) {', '.join(missing)}")

@@ -2,14 +2,16 @@
 
 Tensors are named ``segmenter.<key>`` (the SU-Net's state dict, required) and ``confidence.<key>`` (the
 confidence network, optional: it gives confidence maps). The JSON header (``modelheader``) holds everything
-inference needs; here it is checked with the registered network names of each role, and the weights against the
-architectures it describes (``networks.architecture()``), on saving and on loading.
+inference needs; here it is checked against the registered networks of each role and the bounds of their options,
+and the weights' names and shapes against the architectures it describes (``networks.architecture()``), before
+any weight is read or network built, on saving and on loading.
 """
 
 from __future__ import annotations
 
 import colorsys
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,8 +25,17 @@ from torch import nn
 from . import __version__
 from .errors import ModelFileError
 from .files import write_atomically
-from .modelheader import FORMAT, FORMAT_VERSION, METADATA_KEY, check_header, header_from_metadata, read_layout
-from .networks import architecture, build_network, registered
+from .images import check_memory
+from .modelheader import (
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    NetworkOptions,
+    check_header,
+    header_from_metadata,
+    read_layout,
+)
+from .networks import architecture, build_network, network_class, registered
 
 PathLike = Union[str, Path]
 Weights = Union[nn.Module, dict[str, torch.Tensor]]
@@ -32,9 +43,10 @@ Weights = Union[nn.Module, dict[str, torch.Tensor]]
 PARTS = ("segmenter", "confidence")
 
 
-def registered_names() -> dict[str, list[str]]:
-    """The network names a model file may hold, by part: those registered with the part's role."""
-    return {part: registered(part) for part in PARTS}
+def registered_options() -> NetworkOptions:
+    """The networks a model file may hold, by part: those registered with the part's role, each with the JSON
+    Schema of its options."""
+    return {part: {name: network_class(name).options for name in registered(part)} for part in PARTS}
 
 
 # Background black, then colours that are distinct on grey-scale images (anatomy-like first).
@@ -84,35 +96,42 @@ def make_header(class_names: list[str], normalisation: dict[str, Any], geometry:
     }
 
 
-def _check_weights(path: Path, header: dict[str, Any],
-                   tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Networks built from the header, after checking ``tensors`` has exactly their names and shapes."""
-    networks = {}
+def _expected_shapes(path: Path, header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight the header's networks have, found without allocating them."""
     expected: dict[str, tuple[int, ...]] = {}
     for part in PARTS:
         description = header["architecture"][part]
         if description is None:
             continue
         try:
-            networks[part] = build_network(description)
+            network = build_network(description, device="meta")
         except ValueError as error:
             raise ModelFileError(path, f"its header's architecture.{part} cannot be built: {error}") from None
-        expected.update({f"{part}.{k}": tuple(v.shape) for k, v in networks[part].state_dict().items()})
+        expected.update({f"{part}.{k}": tuple(v.shape) for k, v in network.state_dict().items()})
+    return expected
+
+
+def _check_shapes(path: Path, header: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Check that the weights ``shapes`` are exactly those of the header's networks; returns their bytes (float32)."""
+    expected = _expected_shapes(path, header)
     mismatch = "its weights do not match the architecture in its header: "
     for name, shape in expected.items():
-        if name not in tensors:
+        if name not in shapes:
             raise ModelFileError(path, mismatch + f"tensor {name} is missing")
-        if tuple(tensors[name].shape) != shape:
-            raise ModelFileError(path, mismatch + f"tensor {name} has shape {tuple(tensors[name].shape)} but "
+        if tuple(shapes[name]) != shape:
+            raise ModelFileError(path, mismatch + f"tensor {name} has shape {tuple(shapes[name])} but "
                                                   f"the architecture needs {shape}")
-    for name in tensors:
+    for name in shapes:
         if name not in expected:
             raise ModelFileError(path, mismatch + f"tensor {name} is not part of the architecture")
+    return 4 * sum(math.prod(shape) for shape in expected.values())
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelFileError(path, f"tensor {name} contains NaN or infinite values; such weights cannot "
                                        "be used")
-    return networks
 
 
 def _prepare_tensors(segmenter: Weights, confidence: Optional[Weights]) -> dict[str, torch.Tensor]:
@@ -141,12 +160,13 @@ def save_model(path: PathLike, header: dict[str, Any], segmenter: Weights,
     except (TypeError, ValueError) as error:
         raise ValueError(f"the header of {path} cannot be written as JSON ({error})") from None
     header = json.loads(text)
-    check_header(header, path, registered_names())
+    check_header(header, path, registered_options())
     if (confidence is None) != (header["architecture"]["confidence"] is None):
         raise ValueError(f"{path}: confidence weights must be given exactly when the header's "
                          "architecture.confidence describes a network")
     tensors = _prepare_tensors(segmenter, confidence)
-    _check_weights(path, header, tensors)
+    _check_shapes(path, header, {name: tuple(tensor.shape) for name, tensor in tensors.items()})
+    _check_finite(path, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, safetensors.torch.save(tensors, metadata={METADATA_KEY: text}))
     return path
@@ -162,18 +182,28 @@ class LoadedModel:
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Read a model file, rebuild its networks from the header, load the weights strictly, in eval mode."""
+    """Read a model file, rebuild its networks from the header, load the weights strictly, in eval mode.
+
+    The weights' names and shapes are checked against the header, and the memory for them against the free
+    memory, before any weight is read or network built.
+    """
     path = Path(path)
-    metadata, _ = read_layout(path)
-    header = header_from_metadata(path, metadata, registered_names())
+    metadata, table = read_layout(path)
+    header = header_from_metadata(path, metadata, registered_options())
+    weight_bytes = _check_shapes(path, header, {name: tuple(entry["shape"]) for name, entry in table.items()})
+    check_memory(path, 2 * weight_bytes, "use a smaller model")  # the weights as read, and their networks
     try:
         tensors = safetensors.torch.load_file(path, device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(path, f"its weights cannot be read ({error})") from None
-    networks = _check_weights(path, header, tensors)
-    for part, network in networks.items():
+    _check_finite(path, tensors)
+    networks = {}
+    for part in PARTS:
+        if header["architecture"][part] is None:
+            continue
+        network = build_network(header["architecture"][part])
         prefix = part + "."
         network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                                 strict=True)
-        network.to(device).eval()
+        networks[part] = network.to(device).eval()
     return LoadedModel(header, networks["segmenter"], networks.get("confidence"))

@@ -17,12 +17,17 @@ from typing import Any, Optional
 
 import jsonschema
 
+from .config import SLICE_AXES
 from .errors import ModelFileError, PathLike
+from .geometry import MAX_SLICE_SIDE
+from .images import MAX_SPACING_MM, MIN_SPACING_MM
 
 FORMAT = "isdnet-model"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 METADATA_KEY = "isdnet"
+MAX_CLASSES = 256  # label maps are uint8
+MAX_HEADER_DEPTH = 32  # nesting of the header's JSON; ours is 4 deep
 _MAX_TABLE_BYTES = 100_000_000  # the safetensors library's own limit on its JSON table
 
 _BYTE = {"type": "integer", "minimum": 0, "maximum": 255}
@@ -30,12 +35,29 @@ _RGB = {"type": "array", "items": _BYTE, "minItems": 3, "maxItems": 3}
 _PAIR = {"type": "array", "minItems": 2, "maxItems": 2}
 
 
-def header_schema(network_names: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
-    """The JSON Schema of a model header. ``network_names`` (role -> the registered names, from
-    ``networks.registered``) restricts the networks' names; without it any name passes here."""
-    def name(role: str) -> dict[str, Any]:
-        return {"enum": network_names[role]} if network_names else {"type": "string"}
+NetworkOptions = dict[str, dict[str, dict[str, Any]]]  # role -> network name -> JSON Schema of each option
 
+
+def _architecture_schema(networks: Optional[NetworkOptions], role: str) -> dict[str, Any]:
+    """A network description of ``role``. With ``networks``: a registered name, and that network's options within
+    the bounds its class declares; without: any name with a class count (the torch-free reading)."""
+    if not networks:
+        return {"type": "object", "required": ["name", "num_classes"],
+                "properties": {"name": {"type": "string"}, "num_classes": {"type": "integer", "minimum": 2}}}
+    return {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"enum": list(networks[role])}},
+        "allOf": [{"if": {"properties": {"name": {"const": name}}},
+                   "then": {"required": list(options), "additionalProperties": False,
+                            "properties": {"name": {"const": name}, **options}}}
+                  for name, options in networks[role].items()],
+    }
+
+
+def header_schema(networks: Optional[NetworkOptions] = None) -> dict[str, Any]:
+    """The JSON Schema of a model header, every number bounded. ``networks`` (from ``modelfile.registered_options``)
+    restricts the networks to the registered ones of each role, with the options each class declares."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "ISDNet model header",
@@ -48,6 +70,7 @@ def header_schema(network_names: Optional[dict[str, list[str]]] = None) -> dict[
             "classes": {
                 "type": "array",
                 "minItems": 2,
+                "maxItems": MAX_CLASSES,
                 "items": {
                     "type": "object",
                     "required": ["value", "name", "color"],
@@ -64,32 +87,18 @@ def header_schema(network_names: Optional[dict[str, list[str]]] = None) -> dict[
                 "type": "object",
                 "required": ["slice_axis", "spacing", "size"],
                 "properties": {
-                    "slice_axis": {"enum": ["auto", "x", "y", "z"]},
-                    "spacing": {**_PAIR, "items": {"type": "number", "exclusiveMinimum": 0}},
-                    "size": {**_PAIR, "items": {"type": "integer", "minimum": 1}},
+                    "slice_axis": {"enum": list(SLICE_AXES)},
+                    "spacing": {**_PAIR, "items": {"type": "number", "minimum": MIN_SPACING_MM,
+                                                   "maximum": MAX_SPACING_MM}},
+                    "size": {**_PAIR, "items": {"type": "integer", "minimum": 1, "maximum": MAX_SLICE_SIDE}},
                 },
             },
             "architecture": {
                 "type": "object",
                 "required": ["segmenter", "confidence"],
                 "properties": {
-                    "segmenter": {
-                        "type": "object",
-                        "required": ["name", "num_classes"],
-                        "properties": {"name": name("segmenter"),
-                                       "num_classes": {"type": "integer", "minimum": 2}},
-                    },
-                    "confidence": {
-                        "oneOf": [
-                            {"type": "null"},
-                            {
-                                "type": "object",
-                                "required": ["name", "num_classes"],
-                                "properties": {"name": name("confidence"),
-                                               "num_classes": {"type": "integer"}},
-                            },
-                        ],
-                    },
+                    "segmenter": _architecture_schema(networks, "segmenter"),
+                    "confidence": {"oneOf": [{"type": "null"}, _architecture_schema(networks, "confidence")]},
                 },
             },
             "provenance": {
@@ -112,11 +121,13 @@ def _field(error: jsonschema.ValidationError) -> str:
     return text or "the header itself"
 
 
-def check_header(header: Any, path: PathLike, network_names: Optional[dict[str, list[str]]] = None) -> None:
+def check_header(header: Any, path: PathLike, networks: Optional[NetworkOptions] = None) -> None:
     """Raise ModelFileError naming ``path`` unless ``header`` is a valid model header of a known version (with
-    ``network_names``, naming only registered networks; see ``header_schema``)."""
+    ``networks``, naming only registered networks with options in their bounds; see ``header_schema``)."""
     if not isinstance(header, dict):
         raise ModelFileError(path, "its ISDNet header is not a JSON object")
+    if _depth(header) > MAX_HEADER_DEPTH:
+        raise ModelFileError(path, f"its ISDNet header is nested deeper than {MAX_HEADER_DEPTH} levels")
     if header.get("format") != FORMAT:
         raise ModelFileError(path, f"its header does not say format {FORMAT!r}; it is not an ISDNet model")
     version = header.get("format_version")
@@ -124,7 +135,7 @@ def check_header(header: Any, path: PathLike, network_names: Optional[dict[str, 
         supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
         raise ModelFileError(path, f"uses model format version {version!r}, but this version of ISDNet reads "
                                    f"format version {supported} only; update ISDNet or re-export the model")
-    validator = jsonschema.Draft202012Validator(header_schema(network_names))
+    validator = jsonschema.Draft202012Validator(header_schema(networks))
     error = jsonschema.exceptions.best_match(validator.iter_errors(header))
     if error is not None:
         raise ModelFileError(path, f"its header field {_field(error)} is invalid: {error.message}")
@@ -185,7 +196,7 @@ def read_layout(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
             end = max(end, int(entry["data_offsets"][1]))
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise ModelFileError(path, _describe_non_model(start)) from None
     if size - 8 - table_size != end:
         raise ModelFileError(path, f"is damaged or incomplete: its weights should take {end} bytes but the "
@@ -193,18 +204,36 @@ def read_layout(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return metadata, table
 
 
-def header_from_metadata(path: Path, metadata: dict[str, str], network_names: Optional[dict[str, list[str]]] = None
+def header_from_metadata(path: Path, metadata: dict[str, str], networks: Optional[NetworkOptions] = None
                          ) -> dict[str, Any]:
     """The validated header held in a safetensors file's metadata."""
     if METADATA_KEY not in metadata:
         raise ModelFileError(path, "is a safetensors file but not an ISDNet model: it has no ISDNet header "
                                    f"(metadata entry {METADATA_KEY!r})")
     try:
-        header = json.loads(metadata[METADATA_KEY])
+        header = json.loads(metadata[METADATA_KEY], parse_constant=_refuse_constant)
     except ValueError as error:
         raise ModelFileError(path, f"its ISDNet header is not valid JSON ({error})") from None
-    check_header(header, path, network_names)
+    except RecursionError:
+        raise ModelFileError(path, f"its ISDNet header is nested deeper than {MAX_HEADER_DEPTH} levels") from None
+    check_header(header, path, networks)
     return header
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not a number JSON allows")
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (counted without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            deepest = max(deepest, level)
+            pending.append((child, level + 1))
+    return deepest
 
 
 def read_header(path: PathLike) -> dict[str, Any]:

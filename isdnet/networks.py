@@ -3,7 +3,8 @@
 All take and return NCHW tensors and work in channels-last memory format. Every network class has a role and is
 registered by name (``register``): the trainer builds S, D and D0 from the registry, the model file stores each
 network as its ``architecture()`` (name and options) and ``build_network`` rebuilds it. Adding a discriminator is
-one class with ``role`` and ``from_config``, and one ``@register``.
+one class with ``role``, ``options`` (the JSON Schema of each constructor option, bounded, which a model file's
+header must meet) and ``from_config``, and one ``@register``.
 
 Roles: ``segmenter`` (S), ``confidence`` (a D that gives a per-pixel confidence map: it is saved in the model file
 and gives ``segment --confidence``), ``classifier`` (an image-level D, used in training only) and ``importance``
@@ -12,15 +13,26 @@ and gives ``segment --confidence``), ``classifier`` (an image-level D, used in t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DISCRIMINATOR_STRIDES
+from .modelheader import MAX_CLASSES
+
 ROLES = ("segmenter", "confidence", "classifier", "importance")
 _REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def _count(minimum: int, maximum: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+
+
+CLASSES_OPTION = _count(2, MAX_CLASSES)
 
 LEAKY_SLOPE_SEGMENTER = 0.01
 LEAKY_SLOPE_DISCRIMINATOR = 0.2
@@ -30,6 +42,8 @@ def register(cls: type[nn.Module]) -> type[nn.Module]:
     """Class decorator: make a network class known by its name to the trainer and the model file."""
     if getattr(cls, "role", None) not in ROLES:
         raise ValueError(f"{cls.__name__} needs a class attribute role, one of {ROLES}")
+    if not isinstance(getattr(cls, "options", None), dict):
+        raise ValueError(f"{cls.__name__} needs a class attribute options: the JSON Schema of each constructor option")
     _REGISTRY[cls.__name__] = cls
     return cls
 
@@ -85,6 +99,8 @@ class SUNet(nn.Module):
     """
 
     role = "segmenter"
+    options = {"in_channels": {"const": 1}, "num_classes": CLASSES_OPTION, "base_channels": _count(1, 256),
+               "depth": _count(2, 7), "groups": _count(1, 256)}
 
     @classmethod
     def from_config(cls, config: Any, channels: int) -> SUNet:
@@ -153,6 +169,8 @@ class ConfidenceNet(nn.Module):
 
     role = "confidence"
     image_channels = 0  # image channels D sees beside the probabilities (see discriminator_input)
+    options = {"num_classes": CLASSES_OPTION, "base_channels": _count(1, 512),
+               "output_stride": {"enum": list(DISCRIMINATOR_STRIDES)}}
 
     @classmethod
     def from_config(cls, config: Any, channels: int) -> ConfidenceNet:
@@ -161,7 +179,7 @@ class ConfidenceNet(nn.Module):
 
     def __init__(self, num_classes: int = 2, base_channels: int = 64, output_stride: int = 32):
         super().__init__()
-        if output_stride not in (1, 2, 4, 8, 16, 32):
+        if output_stride not in DISCRIMINATOR_STRIDES:
             raise ValueError(f"output_stride must be a power of two from 1 to 32, got {output_stride}")
         self.config = dict(num_classes=num_classes, base_channels=base_channels, output_stride=output_stride)
         strided = output_stride.bit_length() - 1
@@ -213,6 +231,7 @@ class ImageClassifierDiscriminator(nn.Module):
     """
 
     role = "classifier"
+    options = {"num_classes": CLASSES_OPTION, "base_channels": _count(1, 512)}
 
     @classmethod
     def from_config(cls, config: Any, channels: int) -> ImageClassifierDiscriminator:
@@ -240,6 +259,7 @@ class ImportanceNet(nn.Module):
     """
 
     role = "importance"
+    options = {"in_channels": _count(1, 2**16), "width": _count(2, 4096)}
 
     @classmethod
     def from_config(cls, config: Any, channels: int) -> ImportanceNet:
@@ -265,11 +285,13 @@ def architecture(network: nn.Module) -> dict[str, Any]:
     return {"name": type(network).__name__, **network.config}
 
 
-def build_network(description: dict[str, Any]) -> nn.Module:
-    """Rebuild a network from ``architecture()``'s description; unknown names or options raise ValueError."""
+def build_network(description: dict[str, Any], device: Union[str, torch.device, None] = None) -> nn.Module:
+    """Rebuild a network from ``architecture()``'s description, on ``device`` (``"meta"``: shapes only, no
+    memory); unknown names or options raise ValueError."""
     options = dict(description)
     cls = network_class(str(options.pop("name", None)))
     try:
-        return cls(**options)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls(**options)
     except TypeError as error:
         raise ValueError(f"bad options for {cls.__name__}: {error}") from None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
 
 from .config import CONFIDENCE_SUFFIX, SEGMENTATION_ENDING, VOLUME_ENDING
+from .dataset import case_name
 from .errors import InputError
 from .files import write_image_atomically
 from .infer import SegmentationResult
@@ -37,29 +39,48 @@ def seg_nrrd_metadata(labels: sitk.Image, classes: list[dict[str, Any]]) -> dict
     return fields
 
 
+def segmentation_files(folder: Path, name: str, confidence: bool) -> list[Path]:
+    """The files ``write_segmentation`` writes for case ``name``: label map, .seg.nrrd and, with ``confidence``,
+    the confidence map."""
+    files = [folder / f"{name}{VOLUME_ENDING}", folder / f"{name}{SEGMENTATION_ENDING}"]
+    if confidence:
+        files.append(folder / f"{name}{CONFIDENCE_SUFFIX}{VOLUME_ENDING}")
+    return files
+
+
+def output_names(images: Sequence[Path]) -> list[str]:
+    """The case name of each image, refusing two images whose outputs would share a file (also where names differ
+    only in case, as they do not on Windows and macOS) or pass for each other's confidence map."""
+    claimed: dict[str, Path] = {}
+    names = []
+    for image in images:
+        name = case_name(image)
+        for key in (name.casefold(), (name + CONFIDENCE_SUFFIX).casefold()):
+            if key in claimed and claimed[key] != image:
+                raise InputError(image, f"its outputs ({name}{VOLUME_ENDING}, ...) would collide with those of "
+                                        f"{claimed[key]}; rename one of them or segment them separately")
+        claimed.update({name.casefold(): image, (name + CONFIDENCE_SUFFIX).casefold(): image})
+        names.append(name)
+    return names
+
+
 def write_segmentation(result: SegmentationResult, header: dict[str, Any], folder: Path, name: str) -> list[Path]:
     """Write ``<name>.nii.gz``, ``<name>.seg.nrrd`` and, when present, ``<name>_confidence.nii.gz``.
 
     ``isdnet evaluate`` skips the confidence maps, so the folder can be evaluated as it is. Each file goes to a
-    temporary beside it and is renamed when complete, so a killed run leaves no half-written file, and a failed
-    write removes the case's files written before it.
+    temporary beside it and is renamed when complete, so a killed run leaves no half-written file (at most a hidden
+    temporary, which the next write of that file removes), and a failed write removes the case's files written
+    before it.
     """
-    folder = Path(folder)
-    written = []
+    seg = sitk.Image(result.labels)
+    for key, value in seg_nrrd_metadata(seg, header["classes"]).items():
+        seg.SetMetaData(key, value)
+    images = [result.labels, seg] + ([result.confidence] if result.confidence is not None else [])
+    written: list[Path] = []
     try:
-        label_path = folder / f"{name}{VOLUME_ENDING}"
-        write_image_atomically(result.labels, label_path)
-        written.append(label_path)
-        seg = sitk.Image(result.labels)
-        for key, value in seg_nrrd_metadata(seg, header["classes"]).items():
-            seg.SetMetaData(key, value)
-        seg_path = folder / f"{name}{SEGMENTATION_ENDING}"
-        write_image_atomically(seg, seg_path)
-        written.append(seg_path)
-        if result.confidence is not None:
-            confidence_path = folder / f"{name}{CONFIDENCE_SUFFIX}{VOLUME_ENDING}"
-            write_image_atomically(result.confidence, confidence_path)
-            written.append(confidence_path)
+        for image, path in zip(images, segmentation_files(Path(folder), name, result.confidence is not None)):
+            write_image_atomically(image, path)
+            written.append(path)
     except (RuntimeError, OSError) as error:
         for path in written:
             path.unlink(missing_ok=True)

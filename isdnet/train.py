@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,14 +24,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import psutil
 import torch
 
-from .checkpoint import load_latest, save_checkpoint
-from .config import TrainConfig, checkpoint_path, stop_path
+from .checkpoint import DATA_ROLES, check_meta, data_changes, load_latest, save_checkpoint
+from .config import TrainConfig, checkpoint_path, has_checkpoint, stop_path, training_files
 from .dataset import Case
 from .distributed import ProcessGroup, init_from_environment, shutdown
 from .errors import InputError, TrainingError
-from .files import OutputLock
+from .files import OutputLock, check_outputs_apart
 from .geometry import NORMALISATION, ImageGrid, PreparedVolume, SliceGeometry, plan_geometry, prepare_volume
 from .images import read_image, read_label
 from .infer import predict_slices
@@ -41,7 +43,7 @@ from .runtime import resolve_device, resolve_precision
 from .slices import SliceDataset, cache_volumes, epoch_batches
 from .trainer import Trainer
 
-RESUMABLE_CHANGES = ("epochs", "device", "precision")  # options a resumed run may change
+RESUMABLE_CHANGES = ("epochs", "device", "precision", "checkpoint_minutes")  # options a resumed run may change
 
 
 @dataclass
@@ -99,7 +101,8 @@ class StopRequest:
     the Slicer module and the web app ask, on every system), SIGTERM or SIGINT (Ctrl-C; main thread only).
 
     Training then writes a checkpoint at the iteration it reached and exits cleanly, so Resume loses nothing. A
-    stop file left from an earlier run is removed when training starts.
+    stop file older than this process is left from an earlier run (one killed before it could remove it) and is
+    removed; a newer one is a Stop pressed while the training was still starting, and is honoured.
     """
 
     def __init__(self, stop_file: Optional[Path] = None) -> None:
@@ -107,7 +110,9 @@ class StopRequest:
         self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
         if stop_file is not None:
-            stop_file.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if stop_file.stat().st_mtime < psutil.Process().create_time():
+                    stop_file.unlink(missing_ok=True)
 
     @property
     def requested(self) -> bool:
@@ -132,12 +137,14 @@ class StopRequest:
 def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
           config: TrainConfig, *, colors: Optional[dict[int, list[int]]] = None,
           terminology: Optional[dict[int, str]] = None, progress: Optional[Progress] = None,
-          resume: bool = False, cache_dir: Optional[Path] = None, best_out: Optional[Path] = None) -> TrainResult:
+          resume: bool = False, allow_new_data: bool = False, cache_dir: Optional[Path] = None,
+          best_out: Optional[Path] = None) -> TrainResult:
     """Train on labeled and unlabeled cases and write the best model to ``out`` (safetensors + JSON header).
 
-    A checkpoint is written atomically after every epoch and when a stop is requested (``config.stop_path(out)``
-    appearing, SIGTERM, SIGINT); ``resume`` continues from it, mid-epoch included, and gives the same run as an
-    uninterrupted one.
+    A checkpoint is written atomically after every epoch, every ``checkpoint_minutes`` within one, and when a
+    stop is requested (``config.stop_path(out)`` appearing, SIGTERM, SIGINT); ``resume`` continues from it,
+    mid-epoch included, and gives the same run as an uninterrupted one. With no checkpoint yet it starts from the
+    beginning; from a checkpoint made on other cases it continues only with ``allow_new_data``.
     """
     config.validate()
     progress = progress or Progress(json_lines=False)
@@ -148,6 +155,8 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
         raise InputError(out.parent, "the output folder does not exist")
     if sorted(labels)[0] != 0:
         raise TrainingError(f"the labels must include 0 (background), got {sorted(labels)}")
+    check_outputs_apart([*training_files(out), *([Path(best_out)] if best_out else [])],
+                        [p for case in [*labeled, *unlabeled] for p in (case.image, case.label) if p is not None])
     group = init_from_environment(config.device)
     if not group.is_main:
         progress = Progress(json_lines=True, stream=open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - rank 0 reports
@@ -159,7 +168,7 @@ def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, 
                 if terminology and cls["value"] in terminology:
                     cls["terminology"] = terminology[cls["value"]]
             run.best_out = best_out
-            return run.run(resume, stop)
+            return run.run(resume, stop, allow_new_data)
     finally:
         shutdown(group)
 
@@ -179,6 +188,7 @@ class _TrainingRun:
         self.dtype = resolve_precision(config.precision, self.device, training=True)
         unlabeled = list(unlabeled) if config.uses_unlabeled else []
         train_cases, val_cases = split_validation(labeled, config.validation_fraction, config.seed)
+        self.data: dict[str, dict[str, str]] = {role: {} for role in DATA_ROLES}  # case name -> digest of its slices
         # Two passes, one volume in memory at a time: grids to plan the slice geometry, then slices to the cache.
         start = _starting_model(config, labels)
         if start is not None and config.slice_spacing is None and config.slice_size is None:
@@ -187,12 +197,12 @@ class _TrainingRun:
             grids = [ImageGrid.of(read_image(case.image)) for case in [*train_cases, *unlabeled]]
             self.geometry = plan_geometry(grids, config.slice_axis, spacing=config.slice_spacing,
                                           size=config.slice_size)
-        self.labeled_set = SliceDataset(cache_volumes(self._prepared(train_cases), cache / "labeled"),
+        self.labeled_set = SliceDataset(cache_volumes(self._prepared(train_cases, "labeled"), cache / "labeled"),
                                         self.geometry.size, labeled=True, random_crop=True, seed=config.seed)
-        unlabeled_volumes = cache_volumes(self._prepared(unlabeled), cache / "unlabeled")
+        unlabeled_volumes = cache_volumes(self._prepared(unlabeled, "unlabeled"), cache / "unlabeled")
         self.unlabeled_set = (SliceDataset(unlabeled_volumes, self.geometry.size, labeled=False, random_crop=True,
                                            seed=config.seed) if unlabeled_volumes else None)
-        self.val_volumes = list(self._prepared(val_cases))
+        self.val_volumes = list(self._prepared(val_cases, "validation"))
         self.trainer = Trainer(config, len(self.values), self.device, self.dtype, group)
         if start is not None:
             self.trainer.start_from(start, Path(str(config.init_from)))
@@ -205,20 +215,25 @@ class _TrainingRun:
         # epoch: last complete epoch; iteration/sums: progress inside the next one (after a stop)
         self.state: dict[str, Any] = dict(epoch=0, iteration=0, sums={}, best_val_dice=None, best_epoch=0,
                                           history=[])
+        self.checkpointed = time.monotonic()
 
-    def _prepared(self, cases: Sequence[Case]) -> Iterator[PreparedVolume]:
-        """Each case read, checked and cut into model slices, one at a time."""
+    def _prepared(self, cases: Sequence[Case], role: str) -> Iterator[PreparedVolume]:
+        """Each case read, checked and cut into model slices, one at a time; the slices' digest kept in ``data``."""
         for case in cases:
             image = read_image(case.image)
             label = read_label(case.label, image, self.values) if case.label is not None else None
             volume = prepare_volume(image, self.geometry, label, source=case.image)
             if volume.label is not None:
                 volume.label = _label_indices(volume.label, self.values)
+            digest = hashlib.sha256(np.ascontiguousarray(volume.image).data)
+            if volume.label is not None:
+                digest.update(np.ascontiguousarray(volume.label).data)
+            self.data[role][case.name] = digest.hexdigest()
             yield volume
 
-    def run(self, resume: bool, stop: StopRequest) -> TrainResult:
+    def run(self, resume: bool, stop: StopRequest, allow_new_data: bool = False) -> TrainResult:
         if resume:
-            self._resume()
+            self._resume(allow_new_data)
         config, state = self.config, self.state
         self.progress.emit(
             "start", epochs=self.epochs, iterations_per_epoch=self.steps, start_epoch=state["epoch"] + 1,
@@ -252,11 +267,17 @@ class _TrainingRun:
                 eta = (time.monotonic() - run_started) / run_steps * (total_steps - run_steps)
                 self.progress.emit("iteration", epoch=epoch, iteration=iteration, iterations=self.steps,
                                    losses=_rounded(losses), eta_s=round(eta, 1))
-                if self.group.any(stop.requested, self.device) and iteration < self.steps:
+                if iteration == self.steps:
+                    continue  # the epoch's end checkpoints and stops
+                if self.group.any(stop.requested, self.device):
                     self._checkpoint(epoch - 1)
                     self.progress.emit("stopped", epoch=epoch, iteration=iteration,
                                        message="training stopped; resume continues from here")
                     return self._result(stopped=True)
+                due = time.monotonic() - self.checkpointed >= 60 * config.checkpoint_minutes
+                if self.group.any(due, self.device):  # a crash in a long epoch then loses minutes, not the epoch
+                    path = self._checkpoint(epoch - 1)
+                    self.progress.emit("checkpoint", epoch=epoch - 1, iteration=iteration, path=str(path))
             if not self.trainer.weights_are_finite():
                 self.trainer.load_state_tensors({k: v.clone() for k, v in good.items()})
                 self.progress.emit("rollback", epoch=epoch, message=f"non-finite weights after epoch {epoch}: "
@@ -305,14 +326,21 @@ class _TrainingRun:
         self.state["epoch"] = epoch
         path = checkpoint_path(self.out)
         if self.group.is_main:
-            meta = {"config": dataclasses.asdict(self.config), "header": self.header, "state": self.state}
+            meta = {"config": dataclasses.asdict(self.config), "header": self.header, "state": self.state,
+                    "data": self.data}
             save_checkpoint(path, self.trainer.state_tensors(), meta)
         self.group.barrier()
+        self.checkpointed = time.monotonic()
         return path
 
-    def _resume(self) -> None:
-        """Restore the newest sound checkpoint; it must come from a run with the same options and data."""
-        tensors, meta, path = load_latest(checkpoint_path(self.out),
+    def _resume(self, allow_new_data: bool) -> None:
+        """Restore the newest sound checkpoint; it must come from a run with the same options and data (other
+        cases only with ``allow_new_data``). Without one, the run starts from the beginning."""
+        if not has_checkpoint(self.out):
+            self.progress.emit("message", message=f"{checkpoint_path(self.out)}: no checkpoint yet (the run ended "
+                               "before its first one); training starts from the beginning")
+            return
+        tensors, meta, path = load_latest(checkpoint_path(self.out), check=self._check_checkpoint,
                                           report=lambda text: self.progress.emit("message", message=text))
         saved, current = meta["config"], json.loads(json.dumps(dataclasses.asdict(self.config)))  # as saved
         changed = [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
@@ -322,10 +350,21 @@ class _TrainingRun:
         if meta["header"]["geometry"] != self.header["geometry"] or \
                 meta["header"]["classes"] != self.header["classes"]:
             raise InputError(path, "the checkpoint was made on other data (slice geometry or classes differ)")
+        changes = data_changes(meta["data"], self.data)
+        if changes and not allow_new_data:
+            raise InputError(path, f"the checkpoint was made on other cases ({changes}); resume with "
+                                   "--allow-new-data to go on training it on these, or start a new training")
+        if changes:
+            self.progress.emit("message", message=f"resuming on other cases than the checkpoint's: {changes}")
         self.trainer.load_state_tensors({k: v.to(self.device) for k, v in tensors.items()})
         self.state = meta["state"]
         if "validation" in meta["header"]["provenance"]:
             self.header["provenance"]["validation"] = meta["header"]["provenance"]["validation"]
+
+    def _check_checkpoint(self, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+        """Raise ValueError unless the checkpoint holds what ``_checkpoint`` writes, restorable into this trainer."""
+        check_meta(meta)
+        self.trainer.check_state_tensors(tensors)
 
     def _result(self, stopped: bool) -> TrainResult:
         s = self.state

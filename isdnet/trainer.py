@@ -279,6 +279,27 @@ class Trainer:
                     tensors[f"opt.{name}.{index}.{slot}"] = torch.as_tensor(value)
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
+    def check_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError naming the first tensor that ``load_state_tensors`` could not restore: a missing or
+        extra network weight, or one of another shape; an optimiser slot of no parameter or of another shape."""
+        expected = {f"net.{name}.{key}": tuple(value.shape) for name, net in self.networks().items()
+                    for key, value in net.state_dict().items()}
+        for name, optimiser in self.optimisers.items():
+            parameters = [p for group in optimiser.param_groups for p in group["params"]]
+            for index, parameter in enumerate(parameters):
+                expected.update({f"opt.{name}.{index}.step": (), f"opt.{name}.{index}.exp_avg": tuple(parameter.shape),
+                                 f"opt.{name}.{index}.exp_avg_sq": tuple(parameter.shape)})
+        for key, tensor in tensors.items():
+            if key not in expected:
+                raise ValueError(f"tensor {key} belongs to no network or optimiser of this training")
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(f"tensor {key} has shape {tuple(tensor.shape)}, not {expected[key]}")
+        slots = {key.rsplit(".", 1)[0] for key in tensors if key.startswith("opt.")}  # the parameters Adam has seen
+        missing = [key for key in expected if key not in tensors and (key.startswith("net.")
+                                                                     or key.rsplit(".", 1)[0] in slots)]
+        if missing:
+            raise ValueError(f"tensor {missing[0]} is missing")
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_tensors`` saved (strict: every network and optimiser must match)."""
         for name, net in self.networks().items():
