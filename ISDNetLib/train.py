@@ -167,6 +167,7 @@ class TrainLogic:
         self.chart_node: Any = None
         self._job: Optional[tuple[Path, Path, TrainingOptions]] = None
         self._error_message = ""
+        self._ended_early = ""
         self._stopped = False
 
     # ----- data
@@ -198,6 +199,7 @@ class TrainLogic:
         self._job = (Path(dataset_folder), Path(model_path), kept)
         write_job(*self._job)
         self._error_message = ""
+        self._ended_early = ""
         self._stopped = False
         self._stop_requested = 0.0
         self.status = TrainingStatus(state="running", epochs=options.config.epochs, model_path=str(model_path),
@@ -327,6 +329,7 @@ class TrainLogic:
         elif kind == Event.DONE:
             s.model_path = str(event.get("model", s.model_path))
             s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
+            self._ended_early = str(event.get("message", ""))  # converged, or the time budget spent
         elif kind == Event.ERROR:
             self._error_message = str(event.get("message", ""))
         elif kind in Event.NOTICES:
@@ -344,7 +347,8 @@ class TrainLogic:
         elif returncode == 0:
             s.state = "done"
             dice = "" if s.best_val_dice is None else f" (best validation Dice {s.best_val_dice:.3f})"
-            s.message = f"Training finished{dice}. Model written to {s.model_path}."
+            early = f" Ended before its planned epochs: {self._ended_early}." if self._ended_early else ""
+            s.message = f"Training finished{dice}.{early} Model written to {s.model_path}."
         else:
             s.state = "failed"
             reason = self._error_message or f"the training process ended unexpectedly (exit status {returncode})"

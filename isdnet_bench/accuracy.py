@@ -38,7 +38,8 @@ from isdnet.metrics import auroc, evaluate_cases
 from isdnet.modelfile import LoadedModel, load_model
 from isdnet.networks import ImportanceNet, SUNet
 from isdnet.progress import Progress
-from isdnet.train import split_validation, train
+from isdnet.train import train
+from isdnet.validation import split_validation
 
 from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, same_settings, split_cases, train_config
 from .accuracy_report import paired, render_chart, render_markdown, summarise
