@@ -28,8 +28,8 @@ from isdnet.train import train
 
 @pytest.mark.parametrize("values, delta, stale", [
     ([0.5, 0.6, 0.7], 0.0, 0), ([0.5, 0.7, 0.6, 0.65], 0.0, 2), ([0.5, 0.5, 0.5], 0.0, 2),
-    ([0.5, 0.505, 0.509], 0.01, 2), ([0.5, 0.52, 0.5], 0.01, 1), ([None, None], 0.0, 2), ([None, 0.3], 0.0, 0),
-    ([], 0.0, 0)])
+    ([0.5, 0.505, 0.509], 0.01, 2), ([0.5, 0.52, 0.5], 0.01, 1), ([None, None], 0.0, 0), ([None, 0.3], 0.0, 0),
+    ([0.0, 0.0, 0.0], 0.0, 0), ([0.0, 0.0, 0.3, 0.2, None], 0.0, 2), ([], 0.0, 0)])
 def test_epochs_without_improvement(values, delta, stale):
     assert epochs_without_improvement(values, delta) == stale
 

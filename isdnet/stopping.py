@@ -71,10 +71,16 @@ class StopRequest:
 
 
 def epochs_without_improvement(val_dices: Sequence[Optional[float]], min_delta: float = 0.0) -> int:
-    """Epochs since the last one whose validation Dice beat the best before it by more than ``min_delta`` (the
-    first validated epoch always counts as one); epochs without a validation Dice count as no gain."""
+    """Epochs since the last one whose validation Dice beat the best before it by more than ``min_delta``.
+
+    The count starts at the first epoch with a Dice above 0: a model that segments nothing yet has not started to
+    learn (on small structures it does so for hundreds of steps), which is not convergence. Later epochs without a
+    validation Dice count as no gain.
+    """
     best, stale = None, 0
     for value in val_dices:
+        if best is None and not value:
+            continue
         if value is not None and (best is None or value > best + min_delta):
             best, stale = value, 0
         else:
