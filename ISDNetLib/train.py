@@ -34,7 +34,9 @@ from isdnet.config import (
     stop_path,
     train_arguments,
 )
+from isdnet.estimate import StepCost, TrainingEstimate
 
+from .estimate import estimate_volumes
 from .export import ExportedDataset, export_dataset
 from .runner import ProcessRunner, engine_environment, python_executable
 
@@ -175,6 +177,11 @@ class TrainLogic:
                        ) -> ExportedDataset:
         """Write the dataset folder (Decathlon layout) the engine trains on; see ``dataset.export_dataset``."""
         return export_dataset(self.scene, labeled, unlabeled, Path(folder))
+
+    def estimate(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], options: TrainingOptions,
+                 cost: Optional[StepCost] = None) -> TrainingEstimate:
+        """How long training these volumes will take (``estimate.estimate_volumes``), to show before Start."""
+        return estimate_volumes(labeled, unlabeled, options, cost)
 
     # ----- the child process
     def command(self, dataset_folder: Path, model_path: Path, options: TrainingOptions, resume: bool = False

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .dataset import Case
+from .estimate import validation_indices
 from .geometry import PreparedVolume
 from .infer import predict_slices
 from .metrics import dice_per_class
@@ -20,12 +20,7 @@ def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple
     With a single labeled case, or fraction 0, nothing is held out and the last epoch's model is kept.
     """
     cases = list(cases)
-    if fraction == 0 or len(cases) < 2:
-        return cases, []
-    order = list(range(len(cases)))
-    random.Random(seed + 1).shuffle(order)
-    n_val = min(len(cases) - 1, max(1, round(fraction * len(cases))))
-    held = set(order[:n_val])
+    held = validation_indices(len(cases), fraction, seed)
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
