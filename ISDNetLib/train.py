@@ -34,7 +34,9 @@ from isdnet.config import (
     stop_path,
     train_arguments,
 )
+from isdnet.estimate import StepCost, TrainingEstimate
 
+from .estimate import estimate_volumes
 from .export import ExportedDataset, export_dataset
 from .runner import ProcessRunner, engine_environment, python_executable
 
@@ -167,6 +169,7 @@ class TrainLogic:
         self.chart_node: Any = None
         self._job: Optional[tuple[Path, Path, TrainingOptions]] = None
         self._error_message = ""
+        self._ended_early = ""
         self._stopped = False
 
     # ----- data
@@ -174,6 +177,11 @@ class TrainLogic:
                        ) -> ExportedDataset:
         """Write the dataset folder (Decathlon layout) the engine trains on; see ``dataset.export_dataset``."""
         return export_dataset(self.scene, labeled, unlabeled, Path(folder))
+
+    def estimate(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], options: TrainingOptions,
+                 cost: Optional[StepCost] = None) -> TrainingEstimate:
+        """How long training these volumes will take (``estimate.estimate_volumes``), to show before Start."""
+        return estimate_volumes(labeled, unlabeled, options, cost)
 
     # ----- the child process
     def command(self, dataset_folder: Path, model_path: Path, options: TrainingOptions, resume: bool = False
@@ -198,6 +206,7 @@ class TrainLogic:
         self._job = (Path(dataset_folder), Path(model_path), kept)
         write_job(*self._job)
         self._error_message = ""
+        self._ended_early = ""
         self._stopped = False
         self._stop_requested = 0.0
         self.status = TrainingStatus(state="running", epochs=options.config.epochs, model_path=str(model_path),
@@ -327,6 +336,7 @@ class TrainLogic:
         elif kind == Event.DONE:
             s.model_path = str(event.get("model", s.model_path))
             s.best_val_dice = event.get("best_val_dice", s.best_val_dice)
+            self._ended_early = str(event.get("message", ""))  # converged, or the time budget spent
         elif kind == Event.ERROR:
             self._error_message = str(event.get("message", ""))
         elif kind in Event.NOTICES:
@@ -344,7 +354,8 @@ class TrainLogic:
         elif returncode == 0:
             s.state = "done"
             dice = "" if s.best_val_dice is None else f" (best validation Dice {s.best_val_dice:.3f})"
-            s.message = f"Training finished{dice}. Model written to {s.model_path}."
+            early = f" Ended before its planned epochs: {self._ended_early}." if self._ended_early else ""
+            s.message = f"Training finished{dice}.{early} Model written to {s.model_path}."
         else:
             s.state = "failed"
             reason = self._error_message or f"the training process ended unexpectedly (exit status {returncode})"

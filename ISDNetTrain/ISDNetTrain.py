@@ -290,7 +290,13 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.labeledVolumes = [v for v, _ in labeled]
         self._parameterNode.labeledSegmentations = [s for _, s in labeled]
         self._parameterNode.unlabeledVolumes = unlabeled
-        self.ui.volumesSummaryLabel.text = f"{len(labeled)} labeled, {len(unlabeled)} unlabeled volumes"
+        summary = f"{len(labeled)} labeled, {len(unlabeled)} unlabeled volumes"
+        if labeled:
+            try:  # before Start: how long these volumes will train with the options chosen
+                summary += "; training takes " + self.logic.estimate(labeled, unlabeled, self.options()).describe()
+            except ValueError:
+                pass  # an option out of range or a volume without voxels: Train says what is wrong
+        self.ui.volumesSummaryLabel.text = summary
         self.updateButtons()
 
     def selectedData(self) -> tuple[list, list]:

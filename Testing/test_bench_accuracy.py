@@ -13,6 +13,7 @@ from isdnet.dataset import Case
 from isdnet_bench import accuracy as bench_accuracy
 from isdnet_bench import accuracy_plan as plan
 from isdnet_bench import accuracy_report as report
+from isdnet_bench import records
 from isdnet_bench.cli import main
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hippocampus"
@@ -60,12 +61,12 @@ def test_a_named_variant_is_an_isdnet_row_of_its_own_with_its_options():
 def test_finished_runs_are_reused_only_with_the_same_settings():
     current = {"config": TrainConfig(seed=1).as_json(), "train": ["a", "b"], "test": ["c"]}
     older = {**current, "config": {k: v for k, v in current["config"].items() if k != "discriminator"}}
-    assert plan.same_settings(current, current)
-    assert plan.same_settings(older, current), "an option added since, at its default, changes nothing"
-    assert not plan.same_settings(older, {**current, "config": {**current["config"], "discriminator": "X"}})
-    assert not plan.same_settings(current, {**current, "config": TrainConfig(seed=2).as_json()})
-    assert not plan.same_settings(current, {**current, "test": ["d"]})
-    assert not plan.same_settings(None, current)
+    assert records.same_settings(current, current)
+    assert records.same_settings(older, current), "an option added since, at its default, changes nothing"
+    assert not records.same_settings(older, {**current, "config": {**current["config"], "discriminator": "X"}})
+    assert not records.same_settings(current, {**current, "config": TrainConfig(seed=2).as_json()})
+    assert not records.same_settings(current, {**current, "test": ["d"]})
+    assert not records.same_settings(None, current)
 
 
 def test_grid_changes_one_hyperparameter_at_a_time():

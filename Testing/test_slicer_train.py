@@ -184,6 +184,13 @@ elif mode == "slow":  # honours the stop file beside the model, as the engine do
         model.write("weights")
     print("model written after", 3, "s", flush=True)
     emit(event="done", model=sys.argv[2], best_val_dice=0.5)
+elif mode == "converged":
+    emit(event="start", epochs=9, iterations_per_epoch=1, start_epoch=1, device="cpu")
+    emit(event="epoch", epoch=4, epochs=9, losses={"dice": 0.5}, val_dice=0.6, best_val_dice=0.7, eta_s=5.0,
+         elapsed_s=1.0)
+    note = "converged after 0.1 min at epoch 4: validation Dice has not improved for 3 epochs"
+    emit(event="message", message=note)
+    emit(event="done", model="m.safetensors", best_val_dice=0.7, best_epoch=1, reason="converged", message=note)
 elif mode == "fail":
     print("loading the data", file=sys.stderr, flush=True)
     print("Traceback: something deep went wrong", file=sys.stderr, flush=True)
@@ -246,6 +253,39 @@ def test_progress_fills_status_and_plot_nodes(mrml, tmp_path):
     series = chart.GetNthPlotSeriesNode(3)
     assert series.GetTableNodeID() == logic.table_node.GetID() and series.GetYColumnName() == "val_dice"
     assert (tmp_path / "m.log").read_text(encoding="utf-8").count("plain log text") == 1
+
+
+def test_the_duration_is_estimated_from_the_scene_before_anything_is_exported(mrml, tmp_path):
+    from isdnet.estimate import StepCost
+
+    pairs, unlabeled = labeled_scene(mrml.scene, count=3, unlabeled=1, shape=(12, 32, 32))
+    logic = TrainLogic(mrml.scene)
+    options = TrainingOptions(dict(method="isdnet", epochs=10, batch_size=4, warmup_epochs=2,
+                                   validation_fraction=0.34))
+    nodes_before = mrml.scene.GetNumberOfNodes()
+    # 12 slices per volume: 2 labeled volumes train (6 steps an epoch), 1 validates; 2 warm-up epochs at 1 s a
+    # step, 8 at 2 s, and 12 validation slices an epoch at a third of 1 s per 4
+    estimate = logic.estimate(pairs, unlabeled, options, StepCost(1.0, 2.0, measured=True))
+    assert (estimate.steps_per_epoch, estimate.epochs) == (6, 10)
+    assert estimate.seconds == pytest.approx(6 * (2 + 16) + 10)
+    assert estimate.describe() == "about 118 s (10 epochs of 6 steps)"
+    assert mrml.scene.GetNumberOfNodes() == nodes_before and not list(tmp_path.iterdir()), "nothing exported"
+    without = logic.estimate(pairs, [], options, StepCost(1.0, 2.0, measured=True))
+    assert without.seconds == pytest.approx(6 * 10 + 10), "no unlabeled volume: every epoch on labeled slices"
+    guess = logic.estimate(pairs, unlabeled, TrainingOptions(dict(base_channels=8, patience=5)))
+    assert not guess.measured and guess.may_end_sooner and guess.describe().endswith("from a reference CPU's speed)")
+    with pytest.raises(ValueError, match="patience"):
+        logic.estimate(pairs, unlabeled, TrainingOptions(dict(patience=0)))
+    with pytest.raises(ValueError, match="at least one labeled volume"):
+        logic.estimate([], unlabeled, options)
+
+
+def test_a_training_that_converged_early_says_so_when_done(mrml, tmp_path):
+    status = poll_until(run_fake(mrml, tmp_path, "converged"), lambda s: s.state != "running", 30)
+    assert status.state == "done" and status.fraction == 1.0
+    assert status.message == ("Training finished (best validation Dice 0.700). Ended before its planned epochs: "
+                              "converged after 0.1 min at epoch 4: validation Dice has not improved for 3 epochs. "
+                              "Model written to m.safetensors.")
 
 
 def test_each_training_gets_its_own_folder_and_its_exported_images_can_be_deleted(mrml, tmp_path):

@@ -91,3 +91,60 @@ def test_augment_aligned_and_deterministic():
     same, same_label = augment(image, label, torch.Generator().manual_seed(0), max_rotation_deg=0,
                                scale_range=(1, 1), flip_prob=0.0, gain_range=(2, 2), max_bias=0)
     assert torch.equal(same_label, label) and torch.allclose(same, 2 * image, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# foreground oversampling
+
+
+def _sparse_phantom_set(seed: int = 0) -> SliceDataset:
+    """Two phantom volumes whose label is kept on 6 of their 24 slices only: a quarter of the slices hold
+    foreground, as in scans where the structure fills a few slices."""
+    import SimpleITK as sitk
+
+    from isdnet.phantoms import make_phantom
+    from isdnet.slices import CachedVolume
+
+    volumes = []
+    for s in (seed, seed + 1):
+        image, label = (sitk.GetArrayFromImage(i) for i in make_phantom(s, shape=(24, 24, 24), num_classes=2))
+        label[:9], label[15:] = 0, 0
+        assert label[9:15].reshape(6, -1).any(1).all()
+        volumes.append(CachedVolume(image=image.astype(np.float16), label=label, minimum=float(image.min())))
+    return SliceDataset(volumes, (24, 24), labeled=True, random_crop=False)
+
+
+def _batches(fraction: float, seed: int, count: int = 20) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from isdnet.config import TrainConfig
+    from isdnet.distributed import ProcessGroup
+    from isdnet.slices import epoch_batches
+
+    config = TrainConfig(method="baseline", batch_size=8, seed=seed, augment=False, foreground_fraction=fraction)
+    batches = epoch_batches(_sparse_phantom_set(), None, config, 1, torch.device("cpu"), ProcessGroup())
+    return [next(batches)[:2] for _ in range(count)]
+
+
+def test_foreground_fraction_sets_the_least_share_of_slices_with_foreground_in_each_batch():
+    dataset = _sparse_phantom_set()
+    assert dataset.foreground.mean() == pytest.approx(0.25)
+    plain = [int(y.flatten(1).any(1).sum()) for _, y in _batches(0.0, seed=3)]
+    assert min(plain) < 4, "plain shuffling leaves some batches with fewer than half foreground slices"
+    for fraction, least in ((0.5, 4), (0.3, 3), (1.0, 8)):
+        shares = [int(y.flatten(1).any(1).sum()) for _, y in _batches(fraction, seed=3)]
+        assert min(shares) >= least, (fraction, shares)
+    assert max(int(y.flatten(1).any(1).sum()) for _, y in _batches(0.5, seed=3)) < 8, "not every slice forced"
+    first, again = _batches(0.5, seed=3, count=5), _batches(0.5, seed=3, count=5)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again)), "seeded"
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, _batches(0.5, seed=4, count=5)))
+
+
+def test_foreground_batches_swap_only_background_slices_and_cope_without_foreground():
+    from isdnet.slices import ForegroundBatches
+
+    foreground = np.array([True, False, False, False, False, False, False, False, False, True])
+    batches = iter(ForegroundBatches(foreground, range(10), 4, 0.5, seed=0))
+    for _ in range(10):
+        batch = next(batches)
+        assert len(batch) == 4 and foreground[batch].sum() >= 2
+    none = iter(ForegroundBatches(np.zeros(10, bool), range(10), 4, 0.5, seed=0))
+    assert sorted(next(none) + next(none) + next(none)[:2]) == list(range(10)), "plain shuffled passes"

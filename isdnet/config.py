@@ -53,6 +53,15 @@ class TrainConfig:
                                   "in the paper)", type=float)
     model_selection: str = option("best", "keep the epoch with the best validation Dice, or the final one",
                                   choices=MODEL_SELECTIONS)
+    patience: Optional[int] = option(None, "stop when the validation Dice has not improved for this many epochs "
+                                     "(after the warm-up; default: train every planned epoch)", type=int)
+    min_delta: float = option(0.0, "the gain in validation Dice that counts as an improvement for --patience",
+                              type=float)
+    max_minutes: Optional[float] = option(None, "stop after this many minutes of training (all sessions of a "
+                                          "resumed run together), ending the epoch there and writing the model",
+                                          type=float)
+    foreground_fraction: float = option(0.0, "at least this share of each labeled batch are slices that contain "
+                                        "foreground (0: plain shuffling)", type=float)
     lambda_adv: float = option(0.001, "weight of the adversarial loss (the paper: 0.001)", type=float)
     lambda_semi: float = option(1.0, "weight of the semi-supervised loss (the paper: 1)", type=float)
     t_semi: float = option(0.1, "confidence a pixel needs to count in the semi-supervised loss (the paper: 0.1)",
@@ -122,6 +131,14 @@ class TrainConfig:
             raise ValueError("warmup_epochs and semi_rampup_epochs must be non-negative")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be at least 1, got {self.patience}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"min_delta must be non-negative, got {self.min_delta}")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise ValueError(f"foreground_fraction must lie in [0, 1], got {self.foreground_fraction}")
 
     @property
     def discriminator_name(self) -> str:
@@ -270,10 +287,10 @@ class Event:
 
     START = "start"  # epochs, iterations_per_epoch, start_epoch, start_iteration, device, precision, method, ...
     ITERATION = "iteration"  # epoch, iteration, iterations, losses, eta_s
-    EPOCH = "epoch"  # epoch, epochs, losses, val_dice, best_val_dice, elapsed_s, eta_s
+    EPOCH = "epoch"  # epoch, epochs, losses, val_dice, best_val_dice, elapsed_s, train_s, eta_s
     CHECKPOINT = "checkpoint"  # epoch (the last complete one), path; iteration when written within an epoch
     STOPPED = "stopped"  # epoch, iteration, message
-    DONE = "done"  # model, best_val_dice, best_epoch (train); out (segment)
+    DONE = "done"  # model, best_val_dice, best_epoch, and reason, message when it ended early (train); out (segment)
     ERROR = "error"  # message
     MESSAGE = "message"  # message: a notice for the user
     NONFINITE = "nonfinite"  # epoch, iteration, message: an update was discarded

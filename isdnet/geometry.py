@@ -136,6 +136,12 @@ def _canonical_layout(image: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return grid.size, grid.spacing
 
 
+def slice_count(image: Any, slice_axis: str = "auto") -> int:
+    """How many slices a volume (an image or its ``ImageGrid``) gives along ``slice_axis``."""
+    sizes, spacings = _canonical_layout(image)
+    return int(sizes[2 - choose_slice_axis(spacings, slice_axis)])
+
+
 def _resampled_extent(size: int, old_spacing: float, new_spacing: float) -> int:
     return max(1, round(size * old_spacing / new_spacing))
 

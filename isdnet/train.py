@@ -13,10 +13,7 @@ import hashlib
 import json
 import math
 import os
-import random
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +21,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import psutil
 import torch
 
 from .checkpoint import DATA_ROLES, check_meta, data_changes, load_latest, save_checkpoint
@@ -32,18 +28,28 @@ from .config import TrainConfig, checkpoint_path, has_checkpoint, stop_path, tra
 from .dataset import Case
 from .distributed import ProcessGroup, init_from_environment, shutdown
 from .errors import InputError, TrainingError
+from .estimate import planned_steps
 from .files import OutputLock, check_outputs_apart
 from .geometry import NORMALISATION, ImageGrid, PreparedVolume, SliceGeometry, plan_geometry, prepare_volume
 from .images import read_image, read_label
-from .infer import predict_slices
-from .metrics import dice_per_class
 from .modelfile import LoadedModel, default_colors, load_model, make_header, save_model
 from .progress import Progress
 from .runtime import resolve_device, resolve_precision
 from .slices import SliceDataset, cache_volumes, epoch_batches
+from .stopping import (
+    CONVERGED,
+    TIME_BUDGET,
+    StopRequest,
+    budget_message,
+    budget_spent,
+    converged_epochs,
+    converged_message,
+)
 from .trainer import Trainer
+from .validation import split_validation, validation_dice
 
-RESUMABLE_CHANGES = ("epochs", "device", "precision", "checkpoint_minutes")  # options a resumed run may change
+RESUMABLE_CHANGES = ("epochs", "device", "precision", "checkpoint_minutes", "patience", "min_delta",
+                     "max_minutes")  # options a resumed run may change
 
 
 @dataclass
@@ -57,36 +63,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
     steps_per_epoch: int = 0
-
-
-def split_validation(cases: Sequence[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """Hold out ``fraction`` of the labeled cases (at least one when there are two or more) to pick the best epoch.
-
-    With a single labeled case, or fraction 0, nothing is held out and the last epoch's model is kept.
-    """
-    cases = list(cases)
-    if fraction == 0 or len(cases) < 2:
-        return cases, []
-    order = list(range(len(cases)))
-    random.Random(seed + 1).shuffle(order)
-    n_val = min(len(cases) - 1, max(1, round(fraction * len(cases))))
-    held = set(order[:n_val])
-    return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
-
-
-
-def validation_dice(segmenter: torch.nn.Module, volumes: Sequence[PreparedVolume], num_classes: int,
-                    device: torch.device, dtype: torch.dtype, batch_size: int, slice_size: tuple[int, int]) -> float:
-    """Mean over volumes of the mean foreground Dice, on the model's slice grid, slices padded as in training."""
-    scores = []
-    for volume in volumes:
-        prediction = np.empty(volume.image.shape, dtype=np.uint8)
-        for start, probs, _ in predict_slices(segmenter, volume.image, batch_size=batch_size, device=device,
-                                              dtype=dtype, slice_size=slice_size, fill=volume.minimum):
-            prediction[start:start + len(probs)] = probs.argmax(1).cpu().numpy()
-        per_class = dice_per_class(prediction, np.asarray(volume.label), range(1, num_classes))
-        scores.append(float(np.mean(list(per_class.values()))))
-    return float(np.mean(scores))
+    reason: str = ""  # why it ended before its planned epochs: stopping.CONVERGED or TIME_BUDGET
+    train_s: float = 0.0  # seconds of training, earlier sessions of a resumed run included
 
 
 def _label_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -94,44 +72,6 @@ def _label_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
     lookup = np.zeros(256, dtype=np.uint8)
     lookup[list(values)] = np.arange(len(values), dtype=np.uint8)
     return lookup[label]
-
-
-class StopRequest:
-    """A request to stop that the loop honours between iterations: the stop file beside the model appearing (how
-    the Slicer module and the web app ask, on every system), SIGTERM or SIGINT (Ctrl-C; main thread only).
-
-    Training then writes a checkpoint at the iteration it reached and exits cleanly, so Resume loses nothing. A
-    stop file older than this process is left from an earlier run (one killed before it could remove it) and is
-    removed; a newer one is a Stop pressed while the training was still starting, and is honoured.
-    """
-
-    def __init__(self, stop_file: Optional[Path] = None) -> None:
-        self.signalled = False
-        self.stop_file = stop_file
-        self._previous: dict[int, Any] = {}
-        if stop_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if stop_file.stat().st_mtime < psutil.Process().create_time():
-                    stop_file.unlink(missing_ok=True)
-
-    @property
-    def requested(self) -> bool:
-        return self.signalled or (self.stop_file is not None and self.stop_file.exists())
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._request)
-        return self
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.signalled = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        if self.stop_file is not None:
-            self.stop_file.unlink(missing_ok=True)
 
 
 def train(labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str], out: Path,
@@ -206,8 +146,7 @@ class _TrainingRun:
         self.trainer = Trainer(config, len(self.values), self.device, self.dtype, group)
         if start is not None:
             self.trainer.start_from(start, Path(str(config.init_from)))
-        self.steps = config.steps_per_epoch or max(1, math.ceil(len(self.labeled_set) / config.batch_size))
-        self.epochs = max(1, round(config.total_steps / self.steps)) if config.total_steps else config.epochs
+        self.steps, self.epochs = planned_steps(len(self.labeled_set), config)
         self.header = _model_header(config, labels, colors, self.geometry, self.trainer, dict(
             labeled_cases=len(train_cases), validation_cases=len(val_cases), unlabeled_cases=len(unlabeled),
             labeled_slices=len(self.labeled_set),
@@ -216,6 +155,7 @@ class _TrainingRun:
         self.state: dict[str, Any] = dict(epoch=0, iteration=0, sums={}, best_val_dice=None, best_epoch=0,
                                           history=[])
         self.checkpointed = time.monotonic()
+        self.session_started, self.earlier_s = time.monotonic(), 0.0  # training seconds of earlier sessions
 
     def _prepared(self, cases: Sequence[Case], role: str) -> Iterator[PreparedVolume]:
         """Each case read, checked and cut into model slices, one at a time; the slices' digest kept in ``data``."""
@@ -241,6 +181,13 @@ class _TrainingRun:
             unlabeled_slices=self.header["provenance"]["unlabeled_slices"], validation_cases=len(self.val_volumes),
             device=str(self.device), precision=str(self.dtype).split(".")[-1], method=config.method,
             setup_s=round(time.monotonic() - self.started, 2))
+        self.session_started, self.earlier_s = time.monotonic(), float(state.get("train_s", 0.0))
+        if config.patience is not None and not self.val_volumes:
+            self.progress.emit("message", message="no validation case, so --patience cannot tell when training "
+                               "converges: every planned epoch runs")
+        ended = self._ending(state["epoch"]) if state["epoch"] else None  # resumed after it ended early
+        if ended:
+            return self._done(*ended)
         good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
         run_started, run_steps = time.monotonic(), 0
         total_steps = (self.epochs - state["epoch"]) * self.steps - state["iteration"]
@@ -264,7 +211,7 @@ class _TrainingRun:
                         state["sums"][key] = state["sums"].get(key, 0.0) + value
                 state["iteration"] = iteration
                 run_steps += 1
-                eta = (time.monotonic() - run_started) / run_steps * (total_steps - run_steps)
+                eta = self._eta((time.monotonic() - run_started) / run_steps * (total_steps - run_steps))
                 self.progress.emit("iteration", epoch=epoch, iteration=iteration, iterations=self.steps,
                                    losses=_rounded(losses), eta_s=round(eta, 1))
                 if iteration == self.steps:
@@ -274,6 +221,8 @@ class _TrainingRun:
                     self.progress.emit("stopped", epoch=epoch, iteration=iteration,
                                        message="training stopped; resume continues from here")
                     return self._result(stopped=True)
+                if self.group.any(budget_spent(self._train_seconds(), config), self.device):
+                    break  # the time budget ends the epoch here: validated, saved and checkpointed as any epoch
                 due = time.monotonic() - self.checkpointed >= 60 * config.checkpoint_minutes
                 if self.group.any(due, self.device):  # a crash in a long epoch then loses minutes, not the epoch
                     path = self._checkpoint(epoch - 1)
@@ -284,18 +233,52 @@ class _TrainingRun:
                                    "rolled back to the last good state")
             good = {k: v.clone() for k, v in self.trainer.state_tensors().items()}
             self._end_epoch(epoch, run_started, run_steps, total_steps)
+            ended = self._ending(epoch) if epoch < self.epochs or "iterations" in state["history"][-1] else None
+            if ended:
+                return self._done(*ended)
             if self.group.any(stop.requested, self.device) and epoch < self.epochs:
                 self.progress.emit("stopped", epoch=epoch, iteration=self.steps,
                                    message="training stopped; resume continues from here")
                 return self._result(stopped=True)
+        return self._done()
+
+    def _train_seconds(self) -> float:
+        """Seconds of training so far (data preparation aside), earlier sessions of a resumed run included."""
+        return self.earlier_s + time.monotonic() - self.session_started
+
+    def _eta(self, seconds: float) -> float:
+        """The time left, capped by what remains of the time budget."""
+        if self.config.max_minutes is None:
+            return seconds
+        return max(0.0, min(seconds, 60.0 * self.config.max_minutes - self._train_seconds()))
+
+    def _ending(self, epoch: int) -> Optional[tuple[str, str]]:
+        """(reason, message) when the run ends after ``epoch``: converged (``patience``) or its time budget
+        spent; None to go on. Every rank takes the same decision (only rank 0 validates)."""
+        config, seconds = self.config, self._train_seconds()
+        stale = converged_epochs(self.state["history"], config, self.unlabeled_set is not None) \
+            if self.group.is_main else None
+        if self.group.any(stale is not None, self.device):
+            return CONVERGED, converged_message(seconds, epoch, stale or config.patience or 0)
+        if self.group.any(budget_spent(seconds, config), self.device):
+            return TIME_BUDGET, budget_message(seconds, epoch, config)
+        return None
+
+    def _done(self, reason: str = "", message: str = "") -> TrainResult:
+        """Report the end: the model written (the best or the final one, as ``model_selection`` says) and, when
+        the run ended before its planned epochs, why."""
+        state = self.state
+        if message:
+            self.progress.emit("message", message=message)
         self.progress.emit("done", model=str(self.out), best_val_dice=state["best_val_dice"],
-                           best_epoch=state["best_epoch"])
-        return self._result(stopped=False)
+                           best_epoch=state["best_epoch"], **(dict(reason=reason, message=message) if reason else {}))
+        return dataclasses.replace(self._result(stopped=False), reason=reason)
 
     def _end_epoch(self, epoch: int, run_started: float, run_steps: int, total_steps: int) -> None:
         """Validate, keep the best model, checkpoint, report."""
         state, config = self.state, self.config
-        means = {k: v / self.steps for k, v in state["sums"].items()}
+        iterations = state["iteration"] or self.steps  # fewer when the time budget cut the epoch
+        means = {k: v / iterations for k, v in state["sums"].items()}
         val = None
         if self.val_volumes and self.group.is_main:
             val = validation_dice(self.trainer.segmenter, self.val_volumes, len(self.values), self.device,
@@ -312,18 +295,21 @@ class _TrainingRun:
             if best or config.model_selection == "final":
                 save_model(self.out, self.header, self.trainer.segmenter, confidence)
         state["history"].append({"epoch": epoch, "losses": _rounded(means), "val_dice": val,
-                                 "semi": self.unlabeled_set is not None and epoch > config.warmup_epochs})
+                                 "semi": self.unlabeled_set is not None and epoch > config.warmup_epochs,
+                                 **({"iterations": iterations} if iterations < self.steps else {})})
         state["iteration"], state["sums"] = 0, {}
         path = self._checkpoint(epoch)
         self.progress.emit("checkpoint", epoch=epoch, path=str(path))
         elapsed = time.monotonic() - run_started
         self.progress.emit("epoch", epoch=epoch, epochs=self.epochs, losses=_rounded(means), val_dice=val,
                            best_val_dice=state["best_val_dice"], elapsed_s=round(time.monotonic() - self.started, 1),
-                           eta_s=round(elapsed / max(run_steps, 1) * (total_steps - run_steps), 1))
+                           train_s=state["train_s"],
+                           eta_s=round(self._eta(elapsed / max(run_steps, 1) * (total_steps - run_steps)), 1))
 
     def _checkpoint(self, epoch: int) -> Path:
         """Write the checkpoint (rank 0 only; the others wait so that none runs ahead of a stop)."""
         self.state["epoch"] = epoch
+        self.state["train_s"] = round(self._train_seconds(), 2)
         path = checkpoint_path(self.out)
         if self.group.is_main:
             meta = {"config": dataclasses.asdict(self.config), "header": self.header, "state": self.state,
@@ -369,7 +355,7 @@ class _TrainingRun:
     def _result(self, stopped: bool) -> TrainResult:
         s = self.state
         return TrainResult(self.out, s["best_val_dice"], s["best_epoch"], s["epoch"], s["history"], stopped,
-                           self.steps)
+                           self.steps, train_s=float(s.get("train_s", 0.0)))
 
 
 def _starting_model(config: TrainConfig, labels: dict[int, str]) -> Optional[LoadedModel]:

@@ -38,24 +38,18 @@ from isdnet.metrics import auroc, evaluate_cases
 from isdnet.modelfile import LoadedModel, load_model
 from isdnet.networks import ImportanceNet, SUNet
 from isdnet.progress import Progress
-from isdnet.train import split_validation, train
+from isdnet.train import train
+from isdnet.validation import split_validation
 
-from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, same_settings, split_cases, train_config
+from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, split_cases, train_config
 from .accuracy_report import paired, render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
+from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``isdnet-bench accuracy``; the defaults fit the hippocampus table in under 3 h on 2 cores."""
-    parser.add_argument("dataset", type=Path, help="dataset folder (Decathlon layout); a splits.json with "
-                        "'train' and 'test' case lists fixes the test split")
-    parser.add_argument("--out", type=Path, default=Path("bench-output/accuracy"),
-                        help="work folder: models and logs of the runs")
-    parser.add_argument("--records", type=Path, default=None,
-                        help="folder of the finished runs' JSON records (small: commit them), from which an "
-                             "interrupted benchmark resumes, also on another machine; default: <out>/runs")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="report path without extension (.md, .json, .png); default: <out>/results")
+    add_output_arguments(parser, "accuracy", "models and logs of the runs")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--fractions", nargs="+", type=float, default=list(DEFAULT_FRACTIONS),
                         help="labeled fractions of the training cases (default 1/2 1/8 1/16)")
@@ -102,8 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", type=int, default=None, help="use only the first N training cases")
     parser.add_argument("--test-cases", type=int, default=None, help="score only the first N test cases")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="without splits.json: the seeded share of cases held out for testing")
     parser.add_argument("--grid", action="store_true",
                         help="also run the paper's Table 2 grid for isdnet (first fraction, first seed)")
     parser.add_argument("--report-only", action="store_true",
@@ -232,9 +224,7 @@ def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[C
     print(f"{planned.name} ...", file=sys.stderr, flush=True)
     record = execute(planned, config, train_cases, test_cases, labels, folder)
     record["settings"] = settings
-    temporary = record_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    os.replace(temporary, record_path)
+    save_record(record, record_path)
     print(f"{planned.name}: test Dice {record['metrics']['dice']:.4f}, train {record['train_time_s']:.0f} s, "
           f"eval {record['eval_time_s']:.0f} s", file=sys.stderr, flush=True)
     return record
@@ -243,11 +233,7 @@ def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[C
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) every planned run, then write the report and print the Markdown table."""
     if args.quick:
-        defaults = argparse.ArgumentParser()
-        add_arguments(defaults)
-        for name, value in QUICK.items():
-            if getattr(args, name) == defaults.get_default(name):  # options given explicitly win over --quick
-                setattr(args, name, value)
+        apply_quick(args, QUICK, add_arguments)
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     started = time.monotonic()
@@ -267,12 +253,11 @@ def run(args: argparse.Namespace) -> None:
         record_path = records_folder / f"{planned.name}.json"
         settings = json.loads(json.dumps(dict(config=dataclasses.asdict(config), train=[c.name for c in train_cases],
                                               test=[c.name for c in test_cases])))  # as a record file holds it
-        if record_path.is_file():
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            if same_settings(record.get("settings"), settings):
-                records.append(record)
-                reused += 1
-                continue
+        record = reusable_record(record_path, settings)
+        if record is not None:
+            records.append(record)
+            reused += 1
+            continue
         pending.append((planned, config, settings, record_path))
     done = 0
     if not args.report_only and pending:
@@ -298,8 +283,7 @@ def run(args: argparse.Namespace) -> None:
     report = dict(
         meta=dict(dataset=args.dataset.name, commit=code_commit(), machine=describe_machine(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  command="isdnet-bench accuracy " + " ".join(sys.argv[sys.argv.index("accuracy") + 1:])
-                  if "accuracy" in sys.argv else " ".join(sys.argv),
+                  command=command_line("accuracy"),
                   settings=settings_line(args, len(train_cases), len(test_cases)),
                   wall_time_s=time.monotonic() - started, runs_done=done, runs_reused=reused),
         summary=summary,

@@ -1,5 +1,4 @@
-"""The runs of ``isdnet-bench accuracy``: which methods, fractions and seeds, the options of each run, and whether
-a finished run's record can stand for a planned one."""
+"""The runs of ``isdnet-bench accuracy``: which methods, fractions and seeds, and the options of each run."""
 
 from __future__ import annotations
 
@@ -130,13 +129,3 @@ def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
         validation_fraction=args.validation_fraction, model_selection="final", seed=run.seed, device=args.device,
         precision=args.precision)
     return dataclasses.replace(config, **set_options(args), **dict(run.overrides))
-
-
-def same_settings(saved: Any, current: dict[str, Any]) -> bool:
-    """True when a finished run was made with the current settings. An option added to TrainConfig after the run
-    counts as the same when it keeps its default, which reproduces the behaviour from before it existed."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-        return False
-    defaults = TrainConfig().as_json()
-    config = {k: v for k, v in current["config"].items() if k in saved["config"] or v != defaults.get(k)}
-    return {**current, "config": config} == saved

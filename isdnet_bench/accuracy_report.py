@@ -13,6 +13,8 @@ import numpy as np
 
 from isdnet.config import METHODS
 
+from .records import finish_chart
+
 FULL = "full"  # the fraction key of the full-label runs
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond, the normal's 1.96.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -265,9 +267,5 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cell_keys))], [f"{k} labeled" for k in cell_keys])
     values = [c["dice"][0] * 100 for c in summary.values()]
     ax.set_ylim(max(0, min(values) - 5), min(100, max(values) + 3))
-    ax.set_ylabel("mean test Dice of the final model (x100)")
-    ax.set_title(f"ISDNet ablation on {report['meta']['dataset']}")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_chart(fig, ax, "mean test Dice of the final model (x100)", f"ISDNet ablation on {report['meta']['dataset']}",
+                 path)

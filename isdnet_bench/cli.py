@@ -8,9 +8,9 @@ from typing import Optional
 
 from isdnet.cli import exit_status
 
-from . import accuracy, speed
+from . import accuracy, convergence, speed
 
-BENCHMARKS = {"accuracy": accuracy, "speed": speed}
+BENCHMARKS = {"accuracy": accuracy, "convergence": convergence, "speed": speed}
 
 
 def build_parser() -> argparse.ArgumentParser:

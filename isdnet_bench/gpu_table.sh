@@ -3,18 +3,13 @@
 #   DATASET=path/to/hippocampus isdnet_bench/gpu_table.sh [more isdnet-bench accuracy options]
 # On a machine that cannot download (the device tool's H200), copy the dataset into the repository (e.g. .data/)
 # and put wheels of the packages its Python lacks (SimpleITK, jsonschema) in .whl/; both are then installed from
-# there. JOBS runs train at once (each with 2 CPU threads for its data); DEVICE=cpu tries the script anywhere.
+# there (gpu_env.sh). JOBS runs train at once (each with 2 CPU threads for its data); DEVICE=cpu tries the script
+# anywhere.
 set -euo pipefail
 DATASET=${DATASET:-.data/hippocampus}
 RESULTS=${RESULTS:-bench-output/accuracy-gpu}
 JOBS=${JOBS:-8}
 DEVICE=${DEVICE:-cuda}
-PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/isdnet-site .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:/tmp/isdnet-site"
-fi
-export PYTHONUNBUFFERED=1
+. "$(dirname "$0")/gpu_env.sh"
 "$PYTHON" -m isdnet_bench accuracy "$DATASET" --device "$DEVICE" --jobs "$JOBS" --threads 2 \
     --out "$RESULTS" --report "$RESULTS/results" "$@"

@@ -1,0 +1,99 @@
+"""``isdnet-bench convergence``: the arms' options, the study's cases, the report's arithmetic, and the --quick path
+end to end on real hippocampus MRI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from isdnet.config import TrainConfig
+from isdnet.dataset import Case
+from isdnet_bench import convergence
+from isdnet_bench import convergence_report as report
+from isdnet_bench.cli import main
+
+HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hippocampus"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    convergence.add_arguments(parser)
+    return parser.parse_args(["dataset", *argv])
+
+
+def test_arms_are_the_current_defaults_the_candidate_and_its_four_times_longer_reference():
+    args = parse("--steps", "300", "--set", "slice_size=[32,32]")
+    current, candidate, reference = (convergence.arm_config(args, arm, "fp32") for arm in convergence.ARMS)
+    defaults = TrainConfig()
+    assert (current.learning_rate, current.epochs, current.discriminator_channels, current.patience) == (
+        defaults.learning_rate, defaults.epochs, defaults.discriminator_channels, None)
+    assert (candidate.learning_rate, candidate.lr_schedule, candidate.discriminator_stride) == (1e-3, "poly", 4)
+    assert (candidate.total_steps, candidate.patience, candidate.foreground_fraction) == (300, 20, 0.5)
+    assert (reference.total_steps, reference.patience, reference.max_minutes) == (1200, None, None)
+    assert reference.foreground_fraction == 0.5 and reference.learning_rate == candidate.learning_rate
+    assert {c.slice_size[0] for c in (current, candidate, reference)} == {32}
+    assert convergence.arm_config(args, "candidate", "bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="patience"):
+        convergence.arm_config(parse("--patience", "0"), "candidate", "fp32")
+
+
+def test_study_cases_are_drawn_with_the_seed_and_disjoint(tmp_path):
+    cases = [Case(f"c{i}", tmp_path / f"c{i}.nii.gz", tmp_path / f"l{i}.nii.gz") for i in range(20)]
+    labeled, unlabeled = convergence.study_cases(cases, 4, 12, seed=0)
+    assert len(labeled) == 4 and len(unlabeled) == 12 and not {c.name for c in labeled} & {c.name for c in unlabeled}
+    assert convergence.study_cases(cases, 4, 12, seed=0) == (labeled, unlabeled)
+    assert convergence.study_cases(cases, 4, 12, seed=1)[0] != labeled
+    with pytest.raises(ValueError, match="at most 20"):
+        convergence.study_cases(cases, 10, 12, seed=0)
+
+
+def record(arm: str, dice: float, minutes: float, points, reason: str = "") -> dict:
+    return dict(name=f"{arm}_fp32_seed0", arm=arm, precision="fp32", reason=reason, epochs=10, steps=100,
+                train_minutes=minutes, test_dice=dice, best_val_dice=0.8, points=[
+                    dict(epoch=e, minutes=m, val_dice=None, test_dice=d) for e, (m, d) in enumerate(points, 1)])
+
+
+def test_report_times_each_run_to_within_a_point_of_the_reference_and_checks_the_target():
+    records = [record("current", 0.60, 30.0, [(10, 0.5), (30, 0.6)]),
+               record("candidate", 0.805, 12.0, [(3, 0.70), (6, 0.801), (12, 0.805)], "converged"),
+               record("reference", 0.81, 48.0, [(12, 0.79), (48, 0.81)])]
+    rows = {r["arm"]: r for r in report.summarise(records)}
+    assert rows["candidate"]["minutes_to_within"] == 6 and rows["reference"]["minutes_to_within"] == 48
+    assert rows["current"]["minutes_to_within"] is None and rows["current"]["reason"] == "planned epochs"
+    assert rows["candidate"]["behind_reference"] == pytest.approx(0.005)
+    target = report.target_lines(list(rows.values()))
+    assert target == ["- fp32: final model within 1 point of the reference (+0.5 behind) in 12.0 <= 15 min: "
+                      "**met**; ended by itself: **yes** (converged)"]
+    slow = report.summarise([record("candidate", 0.79, 20.0, [(20, 0.79)]), records[2]])
+    assert "**missed**" in report.target_lines(slow)[0] and "**no**" in report.target_lines(slow)[0]
+    markdown = report.render_markdown(dict(meta=dict(dataset="d", commit="c", date="now", machine="m", command="x",
+                                                     labeled_cases=4, unlabeled_cases=12, test_cases=20, seed=0,
+                                                     wall_time_s=60, runs_done=3, runs_reused=0),
+                                           summary=report.summarise(records), runs=records))
+    assert "| candidate | fp32 | converged | 10 | 100 | 12.0 | 80.5 | 80.0 | 6.0 |" in markdown
+    assert "| current | fp32 | planned epochs | 10 | 100 | 30.0 | 60.0 | 80.0 | not reached |" in markdown
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"{HIPPOCAMPUS} is absent: the real-MRI benchmark test "
+                    "needs the Decathlon hippocampus dataset there")
+def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
+    argv = ["convergence", str(HIPPOCAMPUS), "--quick", "--out", str(tmp_path), "--labeled", "2", "--unlabeled",
+            "1", "--test-cases", "1", "--steps", "4", "--current-epochs", "1", "--score-every", "1", "--set",
+            "base_channels=4", "discriminator_channels=4", "importance_channels=8", "slice_size=[32,32]"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert set(runs) == set(convergence.ARMS) and result["meta"]["runs_done"] == 3
+    assert runs["reference"]["epochs"] == 2 * runs["candidate"]["epochs"], "--quick: a reference twice as long"
+    assert [p["epoch"] for p in runs["reference"]["points"]] == list(range(1, runs["reference"]["epochs"] + 1))
+    assert all(0 <= p["test_dice"] <= 1 and p["minutes"] > 0 for r in runs.values() for p in r["points"])
+    assert runs["reference"]["points"][-1]["minutes"] == pytest.approx(runs["reference"]["train_minutes"], rel=0.2)
+    assert runs["candidate"]["config"]["patience"] == 3 and len(runs["current"]["metrics"]["cases"]) == 1
+    assert (tmp_path / "results.png").stat().st_size > 0
+    markdown = capsys.readouterr().out
+    assert "| candidate | fp32 |" in markdown and "Targets (from issue 16)" in markdown
+    assert main(argv) == 0, "a second invocation reuses the records"
+    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["meta"]["runs_reused"] == 3

@@ -1,0 +1,84 @@
+"""What the benchmarks share: their dataset and output options, run records kept as small JSON files (written
+atomically, reused only when made with the same settings), ``--quick`` defaults that explicit options override,
+the command line a report names, and the finish of a report's chart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+from isdnet.config import TrainConfig
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, benchmark: str, work: str) -> None:
+    """The dataset and the folders a benchmark of runs writes: ``--out`` (``work`` says what goes there),
+    ``--records`` (the resumable records), ``--report``."""
+    parser.add_argument("dataset", type=Path, help="dataset folder (Decathlon layout); a splits.json with "
+                        "'train' and 'test' case lists fixes the test split")
+    parser.add_argument("--out", type=Path, default=Path(f"bench-output/{benchmark}"), help=f"work folder: {work}")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="folder of the finished runs' JSON records (small: commit them), from which an "
+                             "interrupted benchmark resumes, also on another machine; default: <out>/runs")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="report path without extension (.md, .json, .png); default: <out>/results")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="without splits.json: the seeded share of cases held out for testing")
+
+
+def finish_chart(fig: Any, ax: Any, ylabel: str, title: str, path: Path) -> None:
+    """Label a report's chart, add its legend, write it as PNG and free it."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def apply_quick(args: argparse.Namespace, quick: dict[str, Any],
+                add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Set the ``quick`` values on ``args`` for every option still at its default (explicit options win)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    for name, value in quick.items():
+        if getattr(args, name) == defaults.get_default(name):
+            setattr(args, name, value)
+
+
+def same_settings(saved: Any, current: dict[str, Any]) -> bool:
+    """True when a finished run was made with the current settings. An option added to TrainConfig after the run
+    counts as the same when it keeps its default, which reproduces the behaviour from before it existed."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        return False
+    defaults = TrainConfig().as_json()
+    config = {k: v for k, v in current["config"].items() if k in saved["config"] or v != defaults.get(k)}
+    return {**current, "config": config} == saved
+
+
+def reusable_record(path: Path, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The finished run's record at ``path`` when it was made with ``settings`` (``same_settings``), else None."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if same_settings(record.get("settings"), settings) else None
+
+
+def save_record(record: dict[str, Any], path: Path) -> None:
+    """Write a run's record through a temporary renamed into place, so a killed run leaves no half record."""
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def command_line(benchmark: str) -> str:
+    """How this benchmark was invoked, as ``isdnet-bench BENCHMARK OPTIONS``."""
+    if benchmark in sys.argv:
+        return f"isdnet-bench {benchmark} " + " ".join(sys.argv[sys.argv.index(benchmark) + 1:])
+    return " ".join(sys.argv)
