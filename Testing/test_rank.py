@@ -20,7 +20,8 @@ from isdnet.errors import InputError
 from isdnet.modelfile import load_model, save_model
 from isdnet.phantoms import make_phantom, write_phantom_dataset
 from isdnet.progress import Progress
-from isdnet.rank import combined_scores, order, rank_inputs, rank_volumes, read_ranking
+from isdnet.rank import combined_scores, order, rank_inputs, rank_volumes
+from isdnet.rankfile import read_ranking
 from isdnet.train import train
 from isdnet.uncertainty import analyse, entropy_map, flip_disagreement
 

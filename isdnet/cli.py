@@ -178,14 +178,15 @@ def run_segment(args: argparse.Namespace, progress: Progress) -> None:
 
 def run_rank(args: argparse.Namespace, progress: Progress) -> None:
     from .files import check_outputs_apart
-    from .rank import rank_inputs, rank_volumes, ranking_table, write_ranking
+    from .rank import rank_inputs, rank_volumes
+    from .rankfile import ranking_table, write_ranking
 
     cases = rank_inputs(args.inputs)
     if args.json is not None:
         check_outputs_apart([args.json], [case.image for case in cases])
 
-    def report(index: int, case, scores: dict) -> None:
-        progress.emit(Event.RANKED, case=case.name, index=index + 1, cases=len(cases), scores=scores)
+    def report(index: int, name: str, scores: dict) -> None:
+        progress.emit(Event.RANKED, case=name, index=index + 1, cases=len(cases), scores=scores)
 
     ranking = rank_volumes(cases, args.model, args.strategy, seed=args.seed, device=args.device,
                            precision=args.precision, batch_size=args.batch_size, progress=report)

@@ -8,32 +8,19 @@ benchmark (``isdnet-bench active``) has measured which strategy helps most (docs
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+import SimpleITK as sitk
 
 from .config import DATASET_FILE, DEFAULT_RANK_STRATEGY, RANK_STRATEGIES, UNCERTAINTIES
 from .dataset import Case, load_dataset, unlabeled_cases
 from .errors import InputError, PathLike
-from .files import write_atomically
 from .modelfile import LoadedModel, load_model
+from .rankfile import RankedVolume
 from .uncertainty import analyse, available_uncertainties, check_uncertainties
-
-RANK_FORMAT = "isdnet-rank"
-
-
-@dataclass
-class RankedVolume:
-    """One volume of a ranking: its place (1 = annotate first), the strategy's score and every signal's."""
-
-    rank: int
-    name: str
-    path: str
-    score: float
-    scores: dict[str, float] = field(default_factory=dict)
 
 
 def rank_inputs(paths: Sequence[PathLike]) -> list[Case]:
@@ -95,59 +82,29 @@ def order(names: Sequence[str], scores: Sequence[dict[str, float]], strategy: st
     return [(i, strategy_scores[i]) for i in ranked]
 
 
-def rank_volumes(cases: Sequence[Case], model: Union[LoadedModel, PathLike], strategy: str = DEFAULT_RANK_STRATEGY,
-                 *, seed: int = 0, device: str = "auto", precision: str = "auto", batch_size: int = 16,
-                 progress: Optional[Callable[[int, Case, dict[str, float]], None]] = None) -> list[RankedVolume]:
-    """Score every case with the model and rank them by ``strategy``; ``progress(index, case, scores)`` after each."""
+def rank_images(names: Sequence[str], images: Sequence[Union[sitk.Image, PathLike]],
+                model: Union[LoadedModel, PathLike], strategy: str = DEFAULT_RANK_STRATEGY, *, seed: int = 0,
+                device: str = "auto", precision: str = "auto", batch_size: int = 16,
+                progress: Optional[Callable[[int, str, dict[str, float]], None]] = None) -> list[RankedVolume]:
+    """Score every image (a file or a SimpleITK image) with the model and rank them by ``strategy``;
+    ``progress(index, name, scores)`` after each."""
     model_source = None if isinstance(model, LoadedModel) else model
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     signals = signals_for(strategy, loaded)
     check_uncertainties(loaded, signals, model_source)
     scores: list[dict[str, float]] = []
-    for index, case in enumerate(cases):
-        found = analyse(case.image, loaded, kinds=signals, maps=False, batch_size=batch_size, device=device,
+    for index, (name, image) in enumerate(zip(names, images)):
+        found = analyse(image, loaded, kinds=signals, maps=False, batch_size=batch_size, device=device,
                         precision=precision).scores if signals else {}
         scores.append(found)
         if progress is not None:
-            progress(index, case, found)
-    names = [case.name for case in cases]
-    return [RankedVolume(place + 1, names[i], str(cases[i].image), score, scores[i])
+            progress(index, name, found)
+    paths = ["" if isinstance(image, sitk.Image) else str(image) for image in images]
+    return [RankedVolume(place + 1, names[i], paths[i], score, scores[i])
             for place, (i, score) in enumerate(order(names, scores, strategy, seed, signals))]
 
 
-def ranking_document(ranking: Sequence[RankedVolume], strategy: str, model_path: PathLike) -> dict[str, Any]:
-    """The JSON document of a ranking: its format, strategy, model and volumes in order."""
-    return dict(format=RANK_FORMAT, strategy=strategy, model=str(model_path),
-                volumes=[asdict(volume) for volume in ranking])
-
-
-def write_ranking(path: PathLike, ranking: Sequence[RankedVolume], strategy: str, model_path: PathLike) -> Path:
-    """Write the ranking as JSON (atomically) and return the path."""
-    text = json.dumps(ranking_document(ranking, strategy, model_path), indent=1, allow_nan=False)
-    write_atomically(Path(path), text.encode("utf-8"))
-    return Path(path)
-
-
-def read_ranking(path: PathLike) -> tuple[str, list[RankedVolume]]:
-    """The strategy and volumes of a ranking file ``write_ranking`` wrote; anything else is refused, naming it."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        if document.get("format") != RANK_FORMAT:
-            raise ValueError(f"its format is not {RANK_FORMAT}")
-        volumes = [RankedVolume(int(v["rank"]), str(v["name"]), str(v["path"]), float(v["score"]),
-                                {str(k): float(s) for k, s in v.get("scores", {}).items()})
-                   for v in document["volumes"]]
-        return str(document["strategy"]), volumes
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InputError(path, f"is not an ISDNet ranking ({error})") from None
-
-
-def ranking_table(ranking: Sequence[RankedVolume], strategy: str) -> str:
-    """The ranking as a plain-text table, one volume a line, for people."""
-    signals = [s for s in UNCERTAINTIES if any(s in v.scores for v in ranking)]
-    lines = [f"{'rank':>4}  {strategy + ' score':>18}  " + "".join(f"{s:>11}  " for s in signals) + "volume"]
-    for v in ranking:
-        lines.append(f"{v.rank:>4}  {v.score:>18.4f}  " + "".join(f"{v.scores[s]:>11.4f}  " for s in signals)
-                     + v.name)
-    return "\n".join(lines)
+def rank_volumes(cases: Sequence[Case], model: Union[LoadedModel, PathLike], strategy: str = DEFAULT_RANK_STRATEGY,
+                 **options: Any) -> list[RankedVolume]:
+    """``rank_images`` of the cases' image files, by case name."""
+    return rank_images([c.name for c in cases], [c.image for c in cases], model, strategy, **options)
