@@ -82,6 +82,8 @@ def test_uncertainty_is_higher_on_the_corrupted_region_and_on_the_input_grid(mod
     image.SetOrigin((3.0, -7.0, 11.0))
     image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # not LPS: rows and columns swapped
     result = analyse(corrupted(image), model)
+    assert not torch.is_inference_mode_enabled(), "the two suspended passes left inference mode on (training after "\
+                                                  "this would fail)"
     assert set(result.maps) == {"confidence", "entropy", "flip"}
     inside = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=bool)
     inside[CORRUPTED] = True

@@ -11,9 +11,9 @@ voxels when S labels none: what ``isdnet rank`` orders volumes by.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -84,6 +84,33 @@ class _Sums:
         return {k: v / max(self.voxels, 1) for k, v in self.everywhere.items()}
 
 
+def _add_batch(prepared: Any, values: torch.Tensor, start: int, probs: torch.Tensor, conf: Optional[torch.Tensor],
+               flipped: Optional[Iterator[Any]], kinds: Sequence[str], labels: np.ndarray,
+               arrays: dict[str, np.ndarray], sums: _Sums) -> None:
+    """One batch of slices: its labels, maps (on the input slice grid) and their sums."""
+    back = to_input_grid_slices(prepared, probs)
+    indices = class_indices(back)
+    stop = start + len(back)
+    labels[start:stop] = values[indices].cpu().numpy()
+    foreground = values[indices] != 0
+    sums.foreground_voxels += int(foreground.sum())
+    sums.voxels += foreground.numel()
+    batch_maps = {}
+    if "entropy" in kinds:
+        batch_maps["entropy"] = entropy_map(back)[:, 0]
+    if "confidence" in kinds:
+        batch_maps["confidence"] = 1.0 - to_input_grid_slices(prepared, conf)[:, 0]
+    if flipped is not None:
+        flipped_start, flipped_probs, _ = next(flipped)
+        assert flipped_start == start, "the two passes go through the same batches"
+        batch_maps["flip"] = flip_disagreement(back, to_input_grid_slices(prepared, flipped_probs.flip(-1)))[:, 0]
+    for kind, batch_map in batch_maps.items():
+        low = (batch_map > 1.0 - LOW_CONFIDENCE).float() if kind == "confidence" else batch_map
+        sums.add(kind, low, foreground)
+        if kind in arrays:
+            arrays[kind][start:stop] = batch_map.cpu().numpy()
+
+
 def analyse(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLike], *,
             kinds: Optional[Sequence[str]] = None, maps: bool = True, batch_size: int = 16, device: str = "auto",
             precision: str = "auto") -> Analysis:
@@ -105,41 +132,26 @@ def analyse(image: Union[sitk.Image, PathLike], model: Union[LoadedModel, PathLi
     geometry = SliceGeometry.from_dict(loaded.header["geometry"])
     prepared = prepare_volume(image, geometry, source=source)
     values = torch.tensor([c["value"] for c in loaded.header["classes"]], dtype=torch.uint8, device=torch_device)
-    background = values == 0
     batch_size = batch_size_for(math.prod(prepared.image.shape[1:]), torch_device, batch_size)
     settings = dict(batch_size=batch_size, device=torch_device, dtype=dtype, slice_size=geometry.size,
                     fill=prepared.minimum)
-    plain = predict_slices(segmenter, prepared.image, confidence_net=confidence_net, **settings)
-    flipped = (predict_slices(segmenter, np.ascontiguousarray(prepared.image[:, :, ::-1]), **settings)
-               if "flip" in kinds else None)
     n, grid = prepared.num_slices, prepared.input_slice_size
     labels = np.empty((n, *grid), dtype=np.uint8)
     arrays = {k: np.empty((n, *grid), dtype=np.float32) for k in kinds} if maps else {}
     sums = _Sums(kinds)
-    for start, probs, conf in plain:
-        back = to_input_grid_slices(prepared, probs)
-        indices = class_indices(back)
-        stop = start + len(back)
-        labels[start:stop] = values[indices].cpu().numpy()
-        foreground = ~background[indices]
-        sums.foreground_voxels += int(foreground.sum())
-        sums.voxels += foreground.numel()
-        batch_maps = {}
-        if "entropy" in kinds:
-            batch_maps["entropy"] = entropy_map(back)[:, 0]
-        if "confidence" in kinds:
-            batch_maps["confidence"] = 1.0 - to_input_grid_slices(prepared, conf)[:, 0]
-        if flipped is not None:
-            flipped_start, flipped_probs, _ = next(flipped)
-            assert flipped_start == start, "the two passes go through the same batches"
-            batch_maps["flip"] = flip_disagreement(back, to_input_grid_slices(prepared, flipped_probs.flip(-1)))[:, 0]
-        for kind, batch_map in batch_maps.items():
-            if kind == "confidence":
-                sums.add(kind, (batch_map > 1.0 - LOW_CONFIDENCE).float(), foreground)
-            else:
-                sums.add(kind, batch_map, foreground)
-            if maps:
-                arrays[kind][start:stop] = batch_map.cpu().numpy()
+    # The two passes are generators suspended inside inference mode in turn: under one inference mode of our own,
+    # and closed within it, each restores the state it found, so neither leaves inference mode on behind us.
+    with torch.inference_mode():
+        plain = predict_slices(segmenter, prepared.image, confidence_net=confidence_net, **settings)
+        flipped = (predict_slices(segmenter, np.ascontiguousarray(prepared.image[:, :, ::-1]), **settings)
+                   if "flip" in kinds else None)
+        try:
+            for start, probs, conf in plain:
+                _add_batch(prepared, values, start, probs, conf, flipped, kinds, labels, arrays, sums)
+        finally:
+            if flipped is not None:
+                flipped.close()
+            plain.close()
     return Analysis(labels=to_input_image(prepared, labels),
                     maps={k: to_input_image(prepared, a) for k, a in arrays.items()},
                     scores=sums.scores(), foreground_voxels=sums.foreground_voxels)

@@ -8,9 +8,9 @@ from typing import Optional
 
 from isdnet.cli import exit_status
 
-from . import accuracy, speed
+from . import accuracy, active, speed
 
-BENCHMARKS = {"accuracy": accuracy, "speed": speed}
+BENCHMARKS = {"accuracy": accuracy, "active": active, "speed": speed}
 
 
 def build_parser() -> argparse.ArgumentParser:
