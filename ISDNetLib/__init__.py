@@ -4,6 +4,9 @@ ISDNet Segment modules and the web app.
 - ``export``: labeled and unlabeled volume nodes to a dataset folder the engine trains on;
 - ``train``: ``TrainLogic``, a training child process followed into plot nodes;
 - ``segment``: ``SegmentLogic``, a model applied to a volume node, the result imported as a segmentation;
+- ``review``: an uncertainty map as an overlay, its most uncertain slices, a slice view jumped to one;
+- ``suggest``: ``SuggestLogic``, which unlabeled volume to annotate next (``isdnet rank``), opened in the editor;
+- ``child``: what the logics that run a short engine command as a child process share;
 - ``volumes``: volume nodes to and from SimpleITK images on the exact same grid;
 - ``runner``: the child-process runner the logics are given (tests inject their own);
 - ``dependencies``: torch and the engine's packages, installed on first use inside Slicer.

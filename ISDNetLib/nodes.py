@@ -1,8 +1,8 @@
 """Which nodes of a scene ISDNet made, and which of its segmentations a user has corrected and offers as labels.
 
 ISDNet Segment marks its outputs with node attributes: what they are, and the volume they were made from. ISDNet
-Train never offers a marked volume (a confidence map) as training data and never takes a prediction as a label,
-unless the user has corrected it and said so ("Use as training label"), which marks it ``CORRECTED``.
+Train never offers a marked volume (a confidence or uncertainty map) as training data and never takes a prediction
+as a label, unless the user has corrected it and said so ("Use as training label"), which marks it ``CORRECTED``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from typing import Any, Optional
 OUTPUT_ATTRIBUTE = "ISDNet.Output"
 SOURCE_ATTRIBUTE = "ISDNet.SourceVolume"
 PREDICTION, CONFIDENCE, CORRECTED = "prediction", "confidence", "corrected"
+UNCERTAINTY = "uncertainty"  # a map for "Review low-confidence regions"
+VOLUME_KINDS = (CONFIDENCE, UNCERTAINTY)  # the outputs that are scalar volumes, not segmentations
 
 
 def mark(node: Any, kind: str, source: Any) -> None:
-    """Mark ``node`` as ISDNet's output of ``kind`` (PREDICTION, CONFIDENCE or CORRECTED) for the volume
-    ``source``."""
-    if kind not in (PREDICTION, CONFIDENCE, CORRECTED):
+    """Mark ``node`` as ISDNet's output of ``kind`` (PREDICTION, CONFIDENCE, UNCERTAINTY or CORRECTED) for the
+    volume ``source``."""
+    if kind not in (PREDICTION, CONFIDENCE, UNCERTAINTY, CORRECTED):
         raise ValueError(f"unknown ISDNet output kind {kind!r}")
     node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
     node.SetAttribute(SOURCE_ATTRIBUTE, source.GetID())
@@ -34,7 +36,7 @@ def _nodes(scene: Any, class_name: str) -> list[Any]:
 
 def output_of(scene: Any, volume: Any, kind: str) -> Optional[Any]:
     """The newest node ISDNet made of ``kind`` for ``volume``, if any (to reuse it on the next Apply)."""
-    class_name = "vtkMRMLScalarVolumeNode" if kind == CONFIDENCE else "vtkMRMLSegmentationNode"
+    class_name = "vtkMRMLScalarVolumeNode" if kind in VOLUME_KINDS else "vtkMRMLSegmentationNode"
     found = [n for n in _nodes(scene, class_name)
              if output_kind(n) == kind and n.GetAttribute(SOURCE_ATTRIBUTE) == volume.GetID()]
     return found[-1] if found else None

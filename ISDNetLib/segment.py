@@ -19,11 +19,13 @@ import numpy as np
 import slicer
 import slicer.util
 
-from isdnet.config import CONFIDENCE_SUFFIX, VOLUME_ENDING, Event, parse_event
+from isdnet.config import CONFIDENCE_SUFFIX, DEFAULT_UNCERTAINTY, UNCERTAINTY_TITLES, VOLUME_ENDING, Event
 from isdnet.modelheader import read_header
 
-from .nodes import CONFIDENCE, PREDICTION, mark, output_of
-from .runner import ProcessRunner, engine_environment, python_executable
+from .child import ChildJobLogic
+from .nodes import CONFIDENCE, PREDICTION, UNCERTAINTY, mark, output_of
+from .review import show_overlay, uncertain_slices
+from .runner import ProcessRunner, engine_environment
 from .volumes import (
     NodeError,
     array_on_volume_grid,
@@ -33,8 +35,6 @@ from .volumes import (
     volume_from_image,
     write_volume,
 )
-
-LOG_TAIL_LINES = 15
 
 
 def foreground_classes(header: dict[str, Any]) -> list[dict[str, Any]]:
@@ -61,6 +61,7 @@ class SegmentStatus:
     message: str = ""
     segmentation_node: Any = None
     confidence_node: Any = None
+    uncertainty_node: Any = None
 
 
 @dataclass
@@ -73,17 +74,15 @@ class _Job:
     replace: bool
 
 
-class SegmentLogic:
+class SegmentLogic(ChildJobLogic):
     """Segments volume nodes of one scene with ISDNet model files."""
 
+    what = "Segmentation"
+
     def __init__(self, scene: Any, runner: Optional[ProcessRunner] = None, python: Optional[str] = None):
-        self.scene = scene
-        self.runner = runner or ProcessRunner()
-        self.python = python or python_executable()
+        super().__init__(scene, runner, python)
         self.status = SegmentStatus()
         self._job: Optional[_Job] = None
-        self._error_message = ""
-        self._cancelled = False
 
     # ----- in this process
     def segment(self, volume_node: Any, model_path: Path, *, device: str = "auto", confidence: bool = False,
@@ -109,6 +108,28 @@ class SegmentLogic:
         self.status.message = f"Segmented '{volume_node.GetName()}'."
         return node
 
+    def review(self, volume_node: Any, model_path: Path, *, uncertainty: str = DEFAULT_UNCERTAINTY,
+               device: str = "auto", view: str = "Red", count: int = 10) -> list[tuple[int, float]]:
+        """Review low-confidence regions (in this process): the model's ``uncertainty`` map of ``volume_node`` as a
+        volume node shown over it (``self.status.uncertainty_node``, replacing an earlier one), and the slices of
+        ``view`` with the most uncertain area, most first, as (index, mm²)."""
+        from isdnet.uncertainty import analyse
+
+        require_image_data(volume_node)
+        result = analyse(image_from_volume(volume_node), Path(model_path), kinds=[uncertainty], device=device)
+        previous = output_of(self.scene, volume_node, UNCERTAINTY)
+        if previous is not None:
+            self.scene.RemoveNode(previous)
+        node = volume_from_image(self.scene, result.maps[uncertainty], volume_node,
+                                 f"{volume_node.GetName()} uncertainty ({uncertainty})")
+        mark(node, UNCERTAINTY, volume_node)
+        node.SetAttribute("ISDNet.Uncertainty", uncertainty)
+        self._place_beside(volume_node, node)
+        show_overlay(self.scene, volume_node, node)
+        self.status.uncertainty_node = node
+        self.status.message = f"Uncertainty shown: {UNCERTAINTY_TITLES[uncertainty]}."
+        return uncertain_slices(node, view, count)
+
     # ----- in a child process
     def command(self, input_path: Path, model_path: Path, output_folder: Path, device: str, confidence: bool
                 ) -> list[str]:
@@ -125,51 +146,20 @@ class SegmentLogic:
         folder = Path(tempfile.mkdtemp(prefix="isdnet-segment-"))
         write_volume(volume_node, folder / "input.nrrd")
         self._job = _Job(volume_node, header, folder, confidence, segmentation_node, replace)
-        self._error_message = ""
-        self._cancelled = False
+        self._started()
         self.status = SegmentStatus("running", 0.0, f"Segmenting '{volume_node.GetName()}'...")
         self.runner.start(self.command(folder / "input.nrrd", Path(model_path), folder / "out", device, confidence),
                           env=engine_environment(), log_path=str(folder / "segment.log"))
 
-    def cancel(self) -> None:
-        """End the child process (and all it started); nothing is added to the scene."""
-        if self.runner.is_running:
-            self._cancelled = True
-            self.runner.kill()
-        self.poll()
-
-    @property
-    def is_running(self) -> bool:
-        return self.runner.is_running
-
-    def poll(self) -> SegmentStatus:
-        """Read the child's progress; when it has ended, import its result (or say why it failed)."""
-        for line in self.runner.poll():
-            event = parse_event(line)
-            if event is None:
-                continue
-            if event["event"] == Event.SLICES and event.get("total"):
-                self.status.fraction = min(0.99, float(event["done"]) / float(event["total"]))
-            elif event["event"] == Event.ERROR:
-                self._error_message = str(event.get("message", ""))
-        if self.status.state == "running" and not self.runner.is_running and self.runner.returncode is not None:
-            self._finish(self.runner.returncode)
-        return self.status
+    def _progress(self, event: dict[str, Any]) -> None:
+        if event["event"] == Event.SLICES and event.get("total"):
+            self.status.fraction = min(0.99, float(event["done"]) / float(event["total"]))
 
     def _finish(self, returncode: int) -> None:
         job, status = self._job, self.status
         assert job is not None
         try:
-            if self._cancelled:
-                status.state, status.message = "cancelled", "Segmentation cancelled."
-            elif returncode != 0:
-                reason = self._error_message or f"the segmentation process ended unexpectedly (exit status " \
-                                                f"{returncode})"
-                tail = [line for line in self.runner.log_tail(LOG_TAIL_LINES * 5) if parse_event(line) is None]
-                status.state = "failed"
-                status.message = (f"Segmentation failed: {reason}\n\nLast lines of the log:\n"
-                                  + "\n".join(tail[-LOG_TAIL_LINES:]))
-            else:
+            if not self.ended_without_result(returncode):
                 import SimpleITK as sitk
 
                 labels = sitk.ReadImage(str(job.folder / "out" / f"input{VOLUME_ENDING}"))

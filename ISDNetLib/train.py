@@ -36,6 +36,7 @@ from isdnet.config import (
 )
 from isdnet.estimate import StepCost, TrainingEstimate
 
+from .child import LOG_TAIL_LINES
 from .estimate import estimate_volumes
 from .export import ExportedDataset, export_dataset
 from .runner import ProcessRunner, engine_environment, python_executable
@@ -44,7 +45,6 @@ STOPPING_MESSAGE = "Stopping: saving checkpoint..."
 STOP_TIMEOUT_S = 900.0  # how long a stopping training may take to write its checkpoint before it is killed
 SERIES_COLORS = ((0.85, 0.2, 0.2), (0.2, 0.45, 0.85), (0.2, 0.7, 0.3), (0.85, 0.55, 0.1), (0.55, 0.3, 0.75),
                  (0.4, 0.4, 0.4))
-LOG_TAIL_LINES = 15
 
 
 @dataclass

@@ -26,10 +26,11 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from isdnet import PAPER, PAPER_URL
-from isdnet.config import DEVICES
+from isdnet.config import DEFAULT_UNCERTAINTY, DEVICES, UNCERTAINTIES, UNCERTAINTY_TITLES
 from isdnet.modelheader import read_header
 from ISDNetLib.dependencies import ENGINE_PACKAGES, check_dependencies, ensure_dependencies_in_slicer
 from ISDNetLib.nodes import PREDICTION, output_kind, use_as_training_label
+from ISDNetLib.review import VIEW_AXES, jump_to_slice
 from ISDNetLib.segment import SegmentLogic, describe_model
 
 POLL_INTERVAL_MS = 300
@@ -97,6 +98,13 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
         self.ui.useAsLabelButton.connect("clicked(bool)", self.onUseAsLabel)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        for kind in UNCERTAINTIES:
+            self.ui.uncertaintyComboBox.addItem(UNCERTAINTY_TITLES[kind], kind)
+        self.ui.uncertaintyComboBox.setCurrentIndex(UNCERTAINTIES.index(DEFAULT_UNCERTAINTY))
+        for view in VIEW_AXES:
+            self.ui.reviewViewComboBox.addItem(view)
+        self.ui.reviewButton.connect("clicked(bool)", self.onReview)
+        self.ui.uncertainSlicesList.connect("itemClicked(QListWidgetItem*)", self.onUncertainSliceClicked)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -182,6 +190,7 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.useAsLabelButton.enabled = not running and result is not None and output_kind(result) == PREDICTION
         self.ui.addToExistingCheckBox.enabled = p.outputSegmentation is not None
         self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.reviewButton.enabled = not running and ready
 
     def onApplyOrCancel(self) -> None:
         if self.logic.is_running:
@@ -199,6 +208,29 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.start(p.inputVolume, p.modelPath, **options)
             self.timer.start()
         self.onTimer()
+
+    def onReview(self) -> None:
+        """Review low-confidence regions: the chosen uncertainty over the input, and its most uncertain slices."""
+        if not ensure_dependencies_in_slicer():
+            return
+        p = self._parameterNode
+        kind = self.ui.uncertaintyComboBox.currentData
+        view = self.ui.reviewViewComboBox.currentText
+        self.ui.uncertainSlicesList.clear()
+        with slicer.util.tryWithErrorDisplay("The uncertainty could not be computed.", waitCursor=True):
+            slices = self.logic.review(p.inputVolume, p.modelPath, uncertainty=kind, device=p.device, view=view)
+            self.ui.reviewStatusLabel.text = (f"Shown: {UNCERTAINTY_TITLES[kind]}, 0 (certain) to 1. The {view} "
+                                              "view's slices with the most uncertain area, most first:")
+            for index, area in slices:
+                item = qt.QListWidgetItem(f"slice {index}: {area / 100:.1f} cm² uncertain")
+                item.setData(qt.Qt.UserRole, index)
+                self.ui.uncertainSlicesList.addItem(item)
+
+    def onUncertainSliceClicked(self, item) -> None:
+        """Show the clicked slice in the view whose slices were listed."""
+        node = self.logic.status.uncertainty_node
+        if node is not None:
+            jump_to_slice(slicer.mrmlScene, self.ui.reviewViewComboBox.currentText, node, item.data(qt.Qt.UserRole))
 
     def onUseAsLabel(self) -> None:
         """The user corrected the segmentation in the Segment Editor: ISDNet Train offers it as the label of its

@@ -18,6 +18,7 @@ from slicer_nodes import (  # noqa: F401 - re-exported for the tests
     ORGAN_NAMES,
     TINY_TRAINING,
     add_segmentation,
+    add_slice_views,
     add_volume,
     phantom,
     rotation,

@@ -43,6 +43,29 @@ def add_volume(scene: Any, voxels: np.ndarray, name: str, spacing: Sequence[floa
     return node
 
 
+def add_slice_views(scene: Any) -> dict[str, Any]:
+    """The Red (axial), Yellow (sagittal) and Green (coronal) slice nodes with their composite nodes, as Slicer's
+    layout makes them; returns the slice nodes by name."""
+    views = {}
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        node = slicer.vtkMRMLSliceNode()
+        node.SetLayoutName(name)
+        node.SetSingletonTag(name)
+        for preset, fill in (("Axial", node.GetAxialSliceToRASMatrix), ("Sagittal", node.GetSagittalSliceToRASMatrix),
+                             ("Coronal", node.GetCoronalSliceToRASMatrix)):
+            matrix = vtk.vtkMatrix3x3()
+            fill(matrix)
+            node.AddSliceOrientationPreset(preset, matrix)
+        scene.AddNode(node)
+        node.SetOrientation(orientation)
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        composite.SetSingletonTag(name)
+        scene.AddNode(composite)
+        views[name] = node
+    return views
+
+
 def add_segmentation(scene: Any, volume: Any, labels: np.ndarray, names: Sequence[str],
                      colors: Sequence[Sequence[float]], name: Optional[str] = None) -> Any:
     """A segmentation node on ``volume``'s grid whose segment k-1 holds the voxels where ``labels == k``."""

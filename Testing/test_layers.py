@@ -74,7 +74,7 @@ def imports_after(code: str, unimportable: tuple[str, ...] = ()) -> set[str]:
 def test_the_cli_and_segment_need_no_benchmark_and_no_unix_only_module():
     # fcntl is left out: isdnet.files takes msvcrt on Windows and fcntl elsewhere.
     loaded = imports_after("from isdnet.cli import build_parser; build_parser().format_help()\n"
-                           "import isdnet.infer, isdnet.train, isdnet.outputs",
+                           "import isdnet.infer, isdnet.train, isdnet.outputs, isdnet.rank, isdnet.uncertainty",
                            unimportable=("resource", "pwd", "grp", "termios"))
     assert "isdnet" in loaded and "torch" in loaded
     assert not loaded & FRONT_ENDS
@@ -121,8 +121,9 @@ def test_children_start_without_a_console_window_on_windows(monkeypatch, tmp_pat
 
 
 def test_the_contract_and_the_slicer_side_logic_load_without_torch():
-    loaded = imports_after("import isdnet.config, isdnet.modelheader, ISDNetLib.train, ISDNetLib.segment, "
-                           "ISDNetLib.export, ISDNetLib.nodes")
+    loaded = imports_after("import isdnet.config, isdnet.modelheader, isdnet.rankfile, ISDNetLib.train, "
+                           "ISDNetLib.segment, ISDNetLib.export, ISDNetLib.nodes, ISDNetLib.review, "
+                           "ISDNetLib.suggest")
     assert "ISDNetLib" in loaded and "torch" not in loaded
 
 

@@ -1,4 +1,5 @@
-"""The ``isdnet`` command: train, segment, evaluate and demo (benchmarks: ``isdnet-bench``; web app: ``isdnet-web``).
+"""The ``isdnet`` command: train, segment, rank, evaluate and demo (benchmarks: ``isdnet-bench``; web app:
+``isdnet-web``).
 
 Errors the user can fix (bad files, bad options) are printed as one plain line and exit with status 2; with
 ``--progress-json`` they are also emitted as an ``error`` event.
@@ -14,7 +15,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import __version__
-from .config import DEVICES, PRECISIONS, add_train_arguments, config_from_arguments
+from .config import (
+    DEFAULT_RANK_STRATEGY,
+    DEVICES,
+    PRECISIONS,
+    RANK_STRATEGIES,
+    Event,
+    add_train_arguments,
+    config_from_arguments,
+)
 from .errors import ISDNetError
 from .progress import Progress
 
@@ -51,6 +60,21 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress-json", action="store_true")
 
 
+def _rank_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rank", help="rank unlabeled volumes: which to annotate next (docs/active.md)")
+    p.add_argument("inputs", nargs="+", type=Path,
+                   help="image files, folders of images, or dataset folders (their unlabeled cases)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--strategy", choices=RANK_STRATEGIES, default=DEFAULT_RANK_STRATEGY,
+                   help=f"what orders the volumes (default: {DEFAULT_RANK_STRATEGY}, provisional until measured)")
+    p.add_argument("--seed", type=int, default=0, help="the order of --strategy random")
+    p.add_argument("--json", type=Path, help="also write the ranking here")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--progress-json", action="store_true")
+
+
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice, global Dice and HD95 of predictions against ground truth")
     p.add_argument("--pred", type=Path, required=True, help="folder of <case>.nii.gz label maps")
@@ -70,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="isdnet", description="ISDNet: semi-supervised adversarial segmentation of medical volumes")
     parser.add_argument("--version", action="version", version=f"isdnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _segment_parser, _evaluate_parser, _demo_parser):
+    for add in (_train_parser, _segment_parser, _rank_parser, _evaluate_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -152,6 +176,29 @@ def run_segment(args: argparse.Namespace, progress: Progress) -> None:
     progress.emit("done", out=str(args.out))
 
 
+def run_rank(args: argparse.Namespace, progress: Progress) -> None:
+    from .files import check_outputs_apart
+    from .rank import rank_inputs, rank_volumes
+    from .rankfile import ranking_table, write_ranking
+
+    cases = rank_inputs(args.inputs)
+    if args.json is not None:
+        check_outputs_apart([args.json], [case.image for case in cases])
+
+    def report(index: int, name: str, scores: dict) -> None:
+        progress.emit(Event.RANKED, case=name, index=index + 1, cases=len(cases), scores=scores)
+
+    ranking = rank_volumes(cases, args.model, args.strategy, seed=args.seed, device=args.device,
+                           precision=args.precision, batch_size=args.batch_size, progress=report)
+    if args.json is not None:
+        write_ranking(args.json, ranking, args.strategy, args.model)
+    if progress.json_lines:
+        progress.emit(Event.DONE, out=str(args.json) if args.json else None,
+                      ranking=[dict(name=v.name, score=v.score) for v in ranking])
+    else:
+        print(ranking_table(ranking, args.strategy))
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     from .files import write_atomically
     from .metrics import evaluate_folders
@@ -188,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_train(args, progress)
         elif args.command == "segment":
             run_segment(args, progress)
+        elif args.command == "rank":
+            run_rank(args, progress)
         elif args.command == "evaluate":
             run_evaluate(args)
         else:

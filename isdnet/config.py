@@ -212,6 +212,27 @@ def train_arguments(**values: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Which volume to annotate next (isdnet rank) and where to look (per-voxel uncertainty): docs/active.md
+
+# Per-voxel uncertainty maps, each in [0, 1] on the input's grid (isdnet/uncertainty.py):
+#   confidence: 1 - D's confidence map (needs a model with its confidence network)
+#   entropy:    S's softmax entropy, divided by log(number of classes)
+#   flip:       total variation between S's probabilities and S's on the slice flipped along its columns
+#               (left-right for axial and coronal slices), flipped back
+UNCERTAINTIES = ("confidence", "entropy", "flip")
+# Ranking strategies: the volume's mean of a map over S's predicted foreground ("confidence": the share of its
+# predicted foreground whose D confidence is below LOW_CONFIDENCE), "combined" the mean rank over the available
+# signals, "random" a seeded random order (the benchmark's reference).
+RANK_STRATEGIES = (*UNCERTAINTIES, "combined", "random")
+# PROVISIONAL: not yet measured. isdnet-bench active measures each strategy's gain over random; the default is to
+# become the best measured one (docs/active.md).
+DEFAULT_RANK_STRATEGY = "entropy"
+DEFAULT_UNCERTAINTY = "entropy"  # the map a front end shows for review unless told otherwise (provisional too)
+LOW_CONFIDENCE = 0.5  # D's confidence below which a predicted foreground pixel counts as low-confidence
+UNCERTAINTY_TITLES = {"confidence": "1 - confidence network (D)", "entropy": "segmenter entropy (S)",
+                      "flip": "left-right flip disagreement (S)"}
+
+# ----------------------------------------------------------------------------------------------------
 # Files
 
 MODEL_SUFFIX = ".safetensors"
@@ -224,6 +245,7 @@ DATASET_FILE = "dataset.json"
 VOLUME_ENDING = ".nii.gz"  # the volumes the engine and the front ends write: images, label maps, confidence maps
 SEGMENTATION_ENDING = ".seg.nrrd"
 CONFIDENCE_SUFFIX = "_confidence"  # <case>_confidence.nii.gz beside <case>.nii.gz
+RANK_FILE = "rank.json"  # what isdnet rank writes when a front end asks it for JSON
 LOCK_SUFFIX = ".lock"  # the training lock beside a model: name.safetensors.lock
 TEMPORARY_MARKER = ".isdnet-tmp"  # in every temporary the engine writes: .<target>.<random hex><marker><ending>
 
@@ -297,6 +319,7 @@ class Event:
     ROLLBACK = "rollback"  # epoch, message: weights went back to the last good state
     SLICES = "slices"  # case, done, total (segment)
     CASE = "case"  # case, index, cases, outputs (segment)
+    RANKED = "ranked"  # case, index, cases, score (rank: one volume scored)
     NOTICES = (MESSAGE, NONFINITE, ROLLBACK)  # the events whose message a front end shows as it is
 
 

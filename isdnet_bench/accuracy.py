@@ -58,6 +58,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds of baseline and isdnet (each seed: a labeled subset and initial weights)")
     parser.add_argument("--ablation-seeds", type=int, default=3,
                         help="how many of the first seeds the other methods (adv, adv-classifier, hung) run")
+    add_training_arguments(parser)
+    parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:OPTION=VALUE,...", dest="variants",
+                        help="named isdnet variants, each a row of its own at every fraction and paired seed, e.g. "
+                             "unaugmented:pseudo_labels=unaugmented")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process with cores/jobs threads "
+                             "(on a GPU: several runs share the device)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--grid", action="store_true",
+                        help="also run the paper's Table 2 grid for isdnet (first fraction, first seed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs already finished in --out, training nothing")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in minutes (explicit options override it): "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of each training run and of the data split, shared by the benchmarks that train
+    (``accuracy_plan.train_config`` reads them)."""
     parser.add_argument("--steps", type=int, default=3000,
                         help="optimisation steps of S, the same budget for every run (rounded to whole passes "
                              "over the labeled slices)")
@@ -83,26 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
     parser.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE", dest="set_options",
                         help="any other training option for every run, e.g. cross_entropy=1 (values in JSON)")
-    parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:OPTION=VALUE,...", dest="variants",
-                        help="named isdnet variants, each a row of its own at every fraction and paired seed, e.g. "
-                             "unaugmented:pseudo_labels=unaugmented")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs trained at once, each in its own process with cores/jobs threads "
-                             "(on a GPU: several runs share the device)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--precision", default="fp32",
                         help="float32, as the published table; bf16 trains faster but less accurately (docs/speed.md)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", type=int, default=None, help="use only the first N training cases")
     parser.add_argument("--test-cases", type=int, default=None, help="score only the first N test cases")
-    parser.add_argument("--grid", action="store_true",
-                        help="also run the paper's Table 2 grid for isdnet (first fraction, first seed)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the report from the runs already finished in --out, training nothing")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run in minutes (explicit options override it): "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,6 +182,20 @@ def importance_diagnostics(checkpoint: Path, config: TrainConfig, header: dict[s
 
     Shows whether D0 tells the two apart (labeled slices should get low w) and whether w varies at all.
     """
+    stats = {}
+    for group, cases in (("labeled", labeled), ("unlabeled", unlabeled)):
+        weights = importance_weights(checkpoint, config, header, num_classes, list(cases)[:max_cases])
+        if weights:
+            w = np.concatenate(weights)
+            stats[group] = dict(mean=float(w.mean()), std=float(w.std()), min=float(w.min()), max=float(w.max()),
+                                slices=int(w.size))
+    return stats
+
+
+def importance_weights(checkpoint: Path, config: TrainConfig, header: dict[str, Any], num_classes: int,
+                       cases: Sequence[Case]) -> list[np.ndarray]:
+    """Per case, the weight w = 1 - D0(Z(X)) of each of its slices, from the S and D0 of a training's checkpoint
+    (the model file holds no D0)."""
     tensors = load_file(str(checkpoint))
     segmenter = SUNet(1, num_classes, config.base_channels)
     segmenter.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("net.S.")})
@@ -183,19 +203,13 @@ def importance_diagnostics(checkpoint: Path, config: TrainConfig, header: dict[s
     importance.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("net.D0.")})
     segmenter.eval()
     geometry = SliceGeometry.from_dict(header["geometry"])
-    stats = {}
-    for group, cases in (("labeled", labeled), ("unlabeled", unlabeled)):
-        weights = []
-        for case in list(cases)[:max_cases]:
-            slices = torch.from_numpy(np.asarray(prepare_volume(read_image(case.image), geometry).image))[:, None]
-            with torch.inference_mode():
-                _, features = segmenter.forward_features(slices.float())
-                weights.append(1 - torch.sigmoid(importance(features)))
-        if weights:
-            w = torch.cat(weights).numpy()
-            stats[group] = dict(mean=float(w.mean()), std=float(w.std()), min=float(w.min()), max=float(w.max()),
-                                slices=int(w.size))
-    return stats
+    weights = []
+    for case in cases:
+        slices = torch.from_numpy(np.asarray(prepare_volume(read_image(case.image), geometry).image))[:, None]
+        with torch.inference_mode():
+            _, features = segmenter.forward_features(slices.float())
+            weights.append((1 - torch.sigmoid(importance(features))).numpy().ravel())
+    return weights
 
 
 def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:

@@ -8,9 +8,9 @@ from typing import Optional
 
 from isdnet.cli import exit_status
 
-from . import accuracy, convergence, speed
+from . import accuracy, active, convergence, speed
 
-BENCHMARKS = {"accuracy": accuracy, "convergence": convergence, "speed": speed}
+BENCHMARKS = {"accuracy": accuracy, "active": active, "convergence": convergence, "speed": speed}
 
 
 def build_parser() -> argparse.ArgumentParser:
