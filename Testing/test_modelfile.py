@@ -53,6 +53,14 @@ def test_round_trip_gives_identical_outputs_and_header(saved):
         assert torch.equal(loaded.confidence(probabilities), confidence(probabilities))
 
 
+
+def test_a_model_written_before_d_had_a_temperature_loads_at_temperature_one(saved):
+    """An option added to a network later has a default, so the model files written before it still load."""
+    header = copy.deepcopy(saved[1])
+    del header["architecture"]["confidence"]["temperature"]
+    loaded = load_model(_rewrite(saved[0], header=header))
+    assert loaded.confidence.temperature == 1.0
+
 def test_segmenter_only_and_state_dict_input(tmp_path):
     segmenter, _ = _networks()
     state = {k: v.to(torch.float64) for k, v in segmenter.state_dict().items()}

@@ -132,6 +132,27 @@ def test_a_d_conditioned_on_the_image_sees_each_slice_beside_its_probabilities()
     assert loss.item() == pytest.approx(expected_d.item(), rel=1e-5)
 
 
+
+def test_a_temperature_on_what_d_sees_is_softmax_of_the_logits_over_t():
+    """D at temperature T sees softmax(logits / T) of S (hand-computed from the logits here), in S's step and in
+    its own; the ground truth stays one-hot; L_dice still uses S's own softmax."""
+    hot, plain = make_trainer(discriminator_temperature=4.0), make_trainer()
+    assert hot.discriminator.temperature == 4.0
+    x, y = batch()
+    with torch.no_grad():
+        logits = hot.segmenter(x)
+        tempered = torch.softmax(logits / 4.0, 1)
+        plain.discriminator.load_state_dict(hot.discriminator.state_dict())
+        assert torch.allclose(hot.discriminator(logits.softmax(1)), plain.discriminator(tempered), atol=1e-5)
+        expected_adv = hot.adversarial(plain.discriminator(tempered))
+        one_hot = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float()
+        assert torch.allclose(hot.discriminator(one_hot), plain.discriminator(one_hot), atol=1e-6)
+    step = hot.step_segmenter(x, y)
+    assert step.losses["adv"].item() == pytest.approx(expected_adv.item(), rel=1e-4)
+    assert step.losses["dice"].item() == pytest.approx(hot.dice(logits.softmax(1), one_hot).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="discriminator_temperature"):
+        TrainConfig(discriminator_temperature=0).validate()
+
 def test_update_order_is_s_then_d_then_d0():
     trainer = make_trainer()
     order = []

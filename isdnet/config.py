@@ -85,6 +85,8 @@ class TrainConfig:
     discriminator_channels: int = option(64, "width of D's first layer (Hung et al.: 64)", type=int)
     discriminator_stride: int = option(32, "downsampling of D's confidence map (Hung et al.: 32); lower it for "
                                        "small slices", type=int, choices=DISCRIMINATOR_STRIDES)
+    discriminator_temperature: float = option(1.0, "D sees S's softmax at this temperature, softmax(logits / T) "
+                                              "(not in the paper, whose D sees T = 1)", type=float)
     importance_channels: int = option(128, "width of D0", type=int)
     slice_axis: str = option("auto", "the axis to cut slices along (auto: the acquisition axis)",
                              choices=SLICE_AXES)
@@ -118,6 +120,8 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 < self.discriminator_temperature <= 100:
+            raise ValueError(f"discriminator_temperature must be in (0, 100], got {self.discriminator_temperature}")
         if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
             raise ValueError(f"discriminator_learning_rate must be positive, got {self.discriminator_learning_rate}")
         for name in ("steps_per_epoch", "total_steps"):

@@ -40,7 +40,8 @@ NetworkOptions = dict[str, dict[str, dict[str, Any]]]  # role -> network name ->
 
 def _architecture_schema(networks: Optional[NetworkOptions], role: str) -> dict[str, Any]:
     """A network description of ``role``. With ``networks``: a registered name, and that network's options within
-    the bounds its class declares; without: any name with a class count (the torch-free reading)."""
+    the bounds its class declares (an option with a default may be absent: files written before it existed);
+    without: any name with a class count (the torch-free reading)."""
     if not networks:
         return {"type": "object", "required": ["name", "num_classes"],
                 "properties": {"name": {"type": "string"}, "num_classes": {"type": "integer", "minimum": 2}}}
@@ -49,7 +50,8 @@ def _architecture_schema(networks: Optional[NetworkOptions], role: str) -> dict[
         "required": ["name"],
         "properties": {"name": {"enum": list(networks[role])}},
         "allOf": [{"if": {"properties": {"name": {"const": name}}},
-                   "then": {"required": list(options), "additionalProperties": False,
+                   "then": {"required": [k for k, v in options.items() if "default" not in v],
+                            "additionalProperties": False,
                             "properties": {"name": {"const": name}, **options}}}
                   for name, options in networks[role].items()],
     }

@@ -170,18 +170,25 @@ class ConfidenceNet(nn.Module):
     role = "confidence"
     image_channels = 0  # image channels D sees beside the probabilities (see discriminator_input)
     options = {"num_classes": CLASSES_OPTION, "base_channels": _count(1, 512),
-               "output_stride": {"enum": list(DISCRIMINATOR_STRIDES)}}
+               "output_stride": {"enum": list(DISCRIMINATOR_STRIDES)},
+               "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 1.0}}
 
     @classmethod
     def from_config(cls, config: Any, channels: int) -> ConfidenceNet:
         """D for a TrainConfig and ``channels`` classes."""
-        return cls(channels, config.discriminator_channels, config.discriminator_stride)
+        return cls(channels, config.discriminator_channels, config.discriminator_stride,
+                   config.discriminator_temperature)
 
-    def __init__(self, num_classes: int = 2, base_channels: int = 64, output_stride: int = 32):
+    def __init__(self, num_classes: int = 2, base_channels: int = 64, output_stride: int = 32,
+                 temperature: float = 1.0):
         super().__init__()
         if output_stride not in DISCRIMINATOR_STRIDES:
             raise ValueError(f"output_stride must be a power of two from 1 to 32, got {output_stride}")
-        self.config = dict(num_classes=num_classes, base_channels=base_channels, output_stride=output_stride)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.config = dict(num_classes=num_classes, base_channels=base_channels, output_stride=output_stride,
+                           temperature=temperature)
+        self.num_classes, self.temperature = num_classes, temperature
         strided = output_stride.bit_length() - 1
         widths = [base_channels * 2**i for i in range(4)] + [1]
         layers: list[nn.Module] = []
@@ -198,6 +205,8 @@ class ConfidenceNet(nn.Module):
         self.multiple = output_stride
 
     def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            probabilities = self._at_temperature(probabilities)
         h, w = probabilities.shape[-2:]
         # The strided layers need at least output_stride pixels a side; smaller slices are padded.
         pad_h, pad_w = max(0, self.multiple - h), max(0, self.multiple - w)
@@ -205,6 +214,14 @@ class ConfidenceNet(nn.Module):
         logits = self.body(x)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)  # as Hung et al.
         return logits[..., :h, :w]
+
+    def _at_temperature(self, x: torch.Tensor) -> torch.Tensor:
+        """The class channels as softmax(logits / T): p ** (1 / T), renormalised, which needs only S's softmax, so
+        S's training and ``segment --confidence`` feed D the same. A one-hot ground truth stays one-hot (and so
+        does a probability that underflowed to 0, which a logit gap over about 87 gives in float32)."""
+        tempered = x[:, :self.num_classes].pow(1.0 / self.temperature)
+        tempered = tempered / tempered.sum(dim=1, keepdim=True)
+        return torch.cat([tempered, x[:, self.num_classes:]], dim=1)
 
 
 @register
