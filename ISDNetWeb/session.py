@@ -13,8 +13,9 @@ from typing import Any, Optional
 import slicer
 
 from isdnet.config import CHECKPOINT_SUFFIX, MODEL_SUFFIX, SEGMENTATION_ENDING, training_files
+from ISDNetLib.jobs import TrainingOptions
 from ISDNetLib.segment import SegmentLogic, SegmentStatus
-from ISDNetLib.train import TrainingOptions, TrainingStatus, TrainLogic
+from ISDNetLib.train import TrainingStatus, TrainLogic
 from ISDNetLib.volumes import temporary_nodes
 
 from .security import SAFE_NAME, Workspace, WorkspaceError

@@ -231,6 +231,11 @@ RANK_STRATEGIES = (*UNCERTAINTIES, "combined", "random")
 # PROVISIONAL: not yet measured. isdnet-bench active measures each strategy's gain over random; the default is to
 # become the best measured one (docs/active.md).
 DEFAULT_RANK_STRATEGY = "entropy"
+RANK_STRATEGIES_MEASURED = False  # True once isdnet-bench active has measured the strategies (docs/active.md)
+RANK_STRATEGY_TITLES = {"confidence": "share of low-confidence pixels (D) in the predicted foreground",
+                        "entropy": "mean segmenter entropy (S) over the predicted foreground",
+                        "flip": "mean left-right flip disagreement (S) over the predicted foreground",
+                        "combined": "mean rank over the available signals", "random": "a seeded random order"}
 DEFAULT_UNCERTAINTY = "entropy"  # the map a front end shows for review unless told otherwise (provisional too)
 LOW_CONFIDENCE = 0.5  # D's confidence below which a predicted foreground pixel counts as low-confidence
 UNCERTAINTY_TITLES = {"confidence": "1 - confidence network (D)", "entropy": "segmenter entropy (S)",
