@@ -11,7 +11,7 @@ from isdnet.estimate import StepCost, TrainingEstimate, estimate_training, valid
 from .volumes import lps_geometry, require_image_data
 
 if TYPE_CHECKING:
-    from .train import TrainingOptions
+    from .jobs import TrainingOptions
 
 
 def node_grid(volume_node: Any) -> Any:

@@ -1,14 +1,16 @@
 """SegmentLogic: run a trained ISDNet model on a volume node and put the result in a segmentation node.
 
 Small volumes are segmented in this process; large ones by ``isdnet segment`` in a child process (started with
-``start`` and followed with ``poll``, so Slicer stays responsive and Cancel works). Either way the label map is
-imported through the Segmentations logic, on exactly the input's grid, one segment per class with the model's
-names, colours and terminology, the segmentation referencing the input's geometry and placed beside it in the
-subject hierarchy.
+``start`` and followed with ``poll``, so Slicer stays responsive and Cancel works). ``review`` does the same for an
+uncertainty map: in this process up to ``config.IN_PROCESS_MAX_VOXELS``, else by ``isdnet segment --uncertainty``.
+Either way the label map is imported through the Segmentations logic, on exactly the input's grid, one segment
+per class with the model's names, colours and terminology, the segmentation referencing the input's geometry and
+placed beside it in the subject hierarchy.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +21,15 @@ import numpy as np
 import slicer
 import slicer.util
 
-from isdnet.config import CONFIDENCE_SUFFIX, DEFAULT_UNCERTAINTY, UNCERTAINTY_TITLES, VOLUME_ENDING, Event
+from isdnet.config import (
+    CONFIDENCE_SUFFIX,
+    DEFAULT_UNCERTAINTY,
+    IN_PROCESS_MAX_VOXELS,
+    UNCERTAINTY_SUFFIX,
+    UNCERTAINTY_TITLES,
+    VOLUME_ENDING,
+    Event,
+)
 from isdnet.modelheader import read_header
 
 from .child import ChildJobLogic
@@ -62,6 +72,7 @@ class SegmentStatus:
     segmentation_node: Any = None
     confidence_node: Any = None
     uncertainty_node: Any = None
+    slices: Optional[list[tuple[int, float]]] = None  # a review's most uncertain slices, (index, mm²)
 
 
 @dataclass
@@ -72,6 +83,7 @@ class _Job:
     confidence: bool
     segmentation_node: Any
     replace: bool
+    review: Optional[tuple[str, str, int]] = None  # a review's uncertainty, view and count
 
 
 class SegmentLogic(ChildJobLogic):
@@ -109,46 +121,72 @@ class SegmentLogic(ChildJobLogic):
         return node
 
     def review(self, volume_node: Any, model_path: Path, *, uncertainty: str = DEFAULT_UNCERTAINTY,
-               device: str = "auto", view: str = "Red", count: int = 10) -> list[tuple[int, float]]:
-        """Review low-confidence regions (in this process): the model's ``uncertainty`` map of ``volume_node`` as a
-        volume node shown over it (``self.status.uncertainty_node``, replacing an earlier one), and the slices of
-        ``view`` with the most uncertain area, most first, as (index, mm²)."""
+               device: str = "auto", view: str = "Red", count: int = 10,
+               in_process_max_voxels: int = IN_PROCESS_MAX_VOXELS) -> Optional[list[tuple[int, float]]]:
+        """Review low-confidence regions: the model's ``uncertainty`` map of ``volume_node`` as a volume node shown
+        over it (``self.status.uncertainty_node``, replacing an earlier one), and the slices of ``view`` with the
+        most uncertain area, most first, as (index, mm²), also kept in ``self.status.slices``.
+
+        A volume of up to ``in_process_max_voxels`` voxels is reviewed now and its slices returned; a larger one by
+        an ``isdnet segment --uncertainty`` child (Slicer stays responsive, Cancel works): None is returned, and
+        ``poll`` shows the map when the child is done.
+        """
+        require_image_data(volume_node)
+        if math.prod(volume_node.GetImageData().GetDimensions()) > in_process_max_voxels:
+            self._start_child(volume_node, Path(model_path), device, review=(uncertainty, view, count))
+            return None
         from isdnet.uncertainty import analyse
 
-        require_image_data(volume_node)
         result = analyse(image_from_volume(volume_node), Path(model_path), kinds=[uncertainty], device=device)
+        return self._show_review(volume_node, result.maps[uncertainty], uncertainty, view, count)
+
+    def _show_review(self, volume_node: Any, image: Any, uncertainty: str, view: str, count: int
+                     ) -> list[tuple[int, float]]:
+        """The uncertainty map (a SimpleITK image on the input's grid) into the scene, over the input."""
         previous = output_of(self.scene, volume_node, UNCERTAINTY)
         if previous is not None:
             self.scene.RemoveNode(previous)
-        node = volume_from_image(self.scene, result.maps[uncertainty], volume_node,
-                                 f"{volume_node.GetName()} uncertainty ({uncertainty})")
+        node = volume_from_image(self.scene, image, volume_node, f"{volume_node.GetName()} uncertainty ({uncertainty})")
         mark(node, UNCERTAINTY, volume_node)
         node.SetAttribute("ISDNet.Uncertainty", uncertainty)
         self._place_beside(volume_node, node)
         show_overlay(self.scene, volume_node, node)
         self.status.uncertainty_node = node
         self.status.message = f"Uncertainty shown: {UNCERTAINTY_TITLES[uncertainty]}."
-        return uncertain_slices(node, view, count)
+        self.status.slices = uncertain_slices(node, view, count)
+        return self.status.slices
 
     # ----- in a child process
-    def command(self, input_path: Path, model_path: Path, output_folder: Path, device: str, confidence: bool
-                ) -> list[str]:
-        """The command line of the segmentation child."""
+    def command(self, input_path: Path, model_path: Path, output_folder: Path, device: str, confidence: bool,
+                uncertainty: Optional[str] = None) -> list[str]:
+        """The command line of the segmentation child (with ``uncertainty``, also writing that map)."""
         args = [self.python, "-m", "isdnet", "segment", str(input_path), "--model", str(model_path),
                 "--out", str(output_folder), "--device", device, "--progress-json"]
-        return args + ["--confidence"] if confidence else args
+        args += ["--confidence"] if confidence else []
+        return args + ["--uncertainty", uncertainty] if uncertainty else args
 
     def start(self, volume_node: Any, model_path: Path, *, device: str = "auto", confidence: bool = False,
               segmentation_node: Any = None, replace: bool = True) -> None:
         """Start segmenting ``volume_node`` in a child process; follow it with ``poll``, end it with ``cancel``."""
         require_image_data(volume_node)
-        header = read_header(Path(model_path))
+        self._start_child(volume_node, Path(model_path), device, confidence, segmentation_node, replace)
+
+    def _start_child(self, volume_node: Any, model_path: Path, device: str, confidence: bool = False,
+                     segmentation_node: Any = None, replace: bool = True,
+                     review: Optional[tuple[str, str, int]] = None) -> None:
+        header = read_header(model_path)
         folder = Path(tempfile.mkdtemp(prefix="isdnet-segment-"))
         write_volume(volume_node, folder / "input.nrrd")
-        self._job = _Job(volume_node, header, folder, confidence, segmentation_node, replace)
+        self._job = _Job(volume_node, header, folder, confidence, segmentation_node, replace, review)
         self._started()
-        self.status = SegmentStatus("running", 0.0, f"Segmenting '{volume_node.GetName()}'...")
-        self.runner.start(self.command(folder / "input.nrrd", Path(model_path), folder / "out", device, confidence),
+        what = "Computing the uncertainty of" if review else "Segmenting"
+        previous = self.status  # a review leaves the last segmentation (and "Use as training label") as it was
+        self.status = SegmentStatus("running", 0.0, f"{what} '{volume_node.GetName()}'...")
+        if review:
+            self.status.segmentation_node, self.status.confidence_node = (previous.segmentation_node,
+                                                                          previous.confidence_node)
+        self.runner.start(self.command(folder / "input.nrrd", model_path, folder / "out", device, confidence,
+                                       review[0] if review else None),
                           env=engine_environment(), log_path=str(folder / "segment.log"))
 
     def _progress(self, event: dict[str, Any]) -> None:
@@ -159,16 +197,23 @@ class SegmentLogic(ChildJobLogic):
         job, status = self._job, self.status
         assert job is not None
         try:
-            if not self.ended_without_result(returncode):
-                import SimpleITK as sitk
+            if self.ended_without_result(returncode):
+                return
+            import SimpleITK as sitk
 
-                labels = sitk.ReadImage(str(job.folder / "out" / f"input{VOLUME_ENDING}"))
-                confidence = (sitk.ReadImage(str(job.folder / "out" / f"input{CONFIDENCE_SUFFIX}{VOLUME_ENDING}"))
-                              if job.confidence else None)
-                node = self.import_result(job.volume_node, labels, job.header, confidence, job.segmentation_node,
-                                          job.replace)
-                status.state, status.fraction, status.segmentation_node = "done", 1.0, node
-                status.message = f"Segmented '{job.volume_node.GetName()}'."
+            out = job.folder / "out"
+            if job.review:
+                uncertainty = sitk.ReadImage(str(out / f"input{UNCERTAINTY_SUFFIX}{VOLUME_ENDING}"))
+                self._show_review(job.volume_node, uncertainty, *job.review)
+                status.state, status.fraction = "done", 1.0
+                return
+            labels = sitk.ReadImage(str(out / f"input{VOLUME_ENDING}"))
+            confidence = (sitk.ReadImage(str(out / f"input{CONFIDENCE_SUFFIX}{VOLUME_ENDING}"))
+                          if job.confidence else None)
+            node = self.import_result(job.volume_node, labels, job.header, confidence, job.segmentation_node,
+                                      job.replace)
+            status.state, status.fraction, status.segmentation_node = "done", 1.0, node
+            status.message = f"Segmented '{job.volume_node.GetName()}'."
         finally:
             shutil.rmtree(job.folder, ignore_errors=True)
             self._job = None

@@ -218,13 +218,25 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view = self.ui.reviewViewComboBox.currentText
         self.ui.uncertainSlicesList.clear()
         with slicer.util.tryWithErrorDisplay("The uncertainty could not be computed.", waitCursor=True):
+            # A large volume is reviewed by a child process (None now); the timer lists its slices when done.
             slices = self.logic.review(p.inputVolume, p.modelPath, uncertainty=kind, device=p.device, view=view)
-            self.ui.reviewStatusLabel.text = (f"Shown: {UNCERTAINTY_TITLES[kind]}, 0 (certain) to 1. The {view} "
-                                              "view's slices with the most uncertain area, most first:")
-            for index, area in slices:
-                item = qt.QListWidgetItem(f"slice {index}: {area / 100:.1f} cm² uncertain")
-                item.setData(qt.Qt.UserRole, index)
-                self.ui.uncertainSlicesList.addItem(item)
+            if slices is None:
+                self.ui.reviewStatusLabel.text = f"Computing the {UNCERTAINTY_TITLES[kind]} in a separate process..."
+                self.timer.start()
+                self.onTimer()
+            else:
+                self.showReview(slices)
+
+    def showReview(self, slices: list) -> None:
+        """List the reviewed view's most uncertain slices (a click jumps there)."""
+        kind = self.ui.uncertaintyComboBox.currentData
+        self.ui.reviewStatusLabel.text = (f"Shown: {UNCERTAINTY_TITLES[kind]}, 0 (certain) to 1. The "
+                                          f"{self.ui.reviewViewComboBox.currentText} view's slices with the most "
+                                          "uncertain area, most first:")
+        for index, area in slices:
+            item = qt.QListWidgetItem(f"slice {index}: {area / 100:.1f} cm² uncertain")
+            item.setData(qt.Qt.UserRole, index)
+            self.ui.uncertainSlicesList.addItem(item)
 
     def onUncertainSliceClicked(self, item) -> None:
         """Show the clicked slice in the view whose slices were listed."""
@@ -253,6 +265,8 @@ class ISDNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         if status.state == "failed":
             slicer.util.errorDisplay(status.message, windowTitle="ISDNet segmentation failed")
+        elif status.state == "done" and status.slices is not None:
+            self.showReview(status.slices)  # a review that ran in a child process
         elif status.state == "done":
             self.showResult()
 

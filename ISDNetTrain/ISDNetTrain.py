@@ -4,7 +4,7 @@ The widget is thin: it loads Resources/UI/ISDNetTrain.ui, keeps its options in a
 work to its logic, ``ISDNetLib.train.TrainLogic``, which exports the data and runs training in a child process
 that a timer polls, so Slicer never blocks.
 
-Its length (about 500 lines) is the widget's many controls, each wired once to the parameter node and the
+Its length (about 560 lines) is the widget's many controls, each wired once to the parameter node and the
 logic; splitting it would scatter one panel's wiring over several files.
 """
 
@@ -35,14 +35,11 @@ from isdnet import PAPER, PAPER_URL
 from isdnet.config import DEVICES, METHODS, SLICE_AXES, TrainConfig
 from ISDNetLib.dependencies import ensure_dependencies_in_slicer
 from ISDNetLib.export import ExportJob
+from ISDNetLib.jobs import TrainingOptions, dataset_folder_for, default_model_path, would_overwrite
 from ISDNetLib.nodes import corrected_label, training_volumes, uncorrected_predictions
-from ISDNetLib.train import (
-    TrainingOptions,
-    TrainLogic,
-    dataset_folder_for,
-    default_model_path,
-    would_overwrite,
-)
+from ISDNetLib.suggest import SuggestLogic
+from ISDNetLib.suggestions import annotate_top, describe, rank_request, suggested_text, top_volume
+from ISDNetLib.train import TrainLogic
 
 DEFAULTS = TrainConfig()
 TRAININGS_ROOT = Path(os.path.expanduser("~")) / "ISDNet"  # each training gets a folder of its own here
@@ -64,7 +61,7 @@ class ISDNetTrain(ScriptedLoadableModule):
             "Train an ISDNet segmentation model (importance-guided semi-supervised adversarial learning) on the "
             "volumes of the scene. Volumes with a segmentation are labeled; volumes without are used as unlabeled "
             "data. Classes are the segment names. Training runs in a separate process; Stop and Resume keep the "
-            "last checkpoint.")
+            "last checkpoint. Once a model is trained, it suggests which unlabeled volume to annotate next.")
         self.parent.acknowledgementText = f'Based on <a href="{PAPER_URL}">{PAPER}</a>. Uses PyTorch.'
 
 
@@ -154,6 +151,12 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exportTimer = qt.QTimer()
         self.exportTimer.setInterval(0)  # a volume a tick, events in between
         self.exportTimer.connect("timeout()", self.onExportStep)
+        self.suggestLogic = SuggestLogic(slicer.mrmlScene)
+        self.suggestTimer = qt.QTimer()
+        self.suggestTimer.setInterval(POLL_INTERVAL_MS)
+        self.suggestTimer.connect("timeout()", self.onSuggestTimer)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggestOrCancel)
+        self.ui.annotateTopButton.connect("clicked(bool)", self.onAnnotateTop)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainOrStop)
         self.ui.deleteExportedDataButton.connect("clicked(bool)", self.onDeleteExportedData)
         self.ui.outputModelPathLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
@@ -176,6 +179,8 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """When Slicer closes: stop the timer, and stop a running training unless the user chose to keep it."""
         self.timer.stop()
         self.exportTimer.stop()
+        self.suggestTimer.stop()
+        self.suggestLogic.cancel()
         slicer.util.mainWindow().removeEventFilter(self.quitGuard)
         if self.logic is not None:
             keep = bool(self._parameterNode and self._parameterNode.keepTrainingOnExit)
@@ -261,6 +266,10 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.saveChoices())
             table.setCellWidget(row, 1, selector)
             self._segmentationSelectors.append(selector)
+            suggested = qt.QTableWidgetItem(suggested_text(self.suggestLogic.status, volume))
+            suggested.setFlags(qt.Qt.ItemIsEnabled)
+            suggested.setToolTip("Place in the last suggested order (1 = annotate first) and the strategy's score")
+            table.setItem(row, 2, suggested)
         table.blockSignals(wasBlocked)
         self.saveChoices()
 
@@ -427,6 +436,40 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            "Open it in ISDNet Segment now?", windowTitle="ISDNet"):
             slicer.util.selectModule("ISDNetSegment")
 
+    # ----- suggested next volume
+    def onSuggestOrCancel(self) -> None:
+        """Rank the ticked unlabeled volumes with the model in a child process (a timer follows it), or cancel."""
+        if self.suggestLogic.is_running:
+            self.suggestLogic.cancel()
+            self.onSuggestTimer()
+            return
+        if not ensure_dependencies_in_slicer():
+            return
+        status = self.logic.status
+        trained = status.model_path if status.state == "done" else None
+        with slicer.util.tryWithErrorDisplay("The volumes could not be ranked.", waitCursor=True):
+            model = rank_request([trained, self._parameterNode.outputModelPath], self.selectedData()[1])
+            self.suggestLogic.start(model, self.selectedData()[1], device=self._parameterNode.device)
+            self.suggestTimer.start()
+        self.onSuggestTimer()
+
+    def onSuggestTimer(self) -> None:
+        status = self.suggestLogic.poll()
+        self.ui.suggestStatusLabel.text = describe(slicer.mrmlScene, status)
+        self.updateButtons()
+        if status.state == "running":
+            return
+        self.suggestTimer.stop()
+        self.updateVolumeTable()  # the Suggested column
+        if status.state == "failed":
+            slicer.util.errorDisplay(status.message, windowTitle="ISDNet ranking failed")
+
+    def onAnnotateTop(self) -> None:
+        """Open the first suggested volume in the Segment Editor and switch there."""
+        with slicer.util.tryWithErrorDisplay("The volume could not be opened for annotation."):
+            annotate_top(slicer.mrmlScene, self.suggestLogic.status)
+            slicer.util.selectModule("SegmentEditor")
+
     def showChart(self) -> None:
         if self.logic.chart_node is not None:
             slicer.modules.plots.logic().ShowChartInLayout(self.logic.chart_node)
@@ -455,6 +498,11 @@ class ISDNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportedDataLabel.text = (f"Patient images exported for training: {folder}" if folder else
                                           "No exported images for the chosen model.")
         self.ui.deleteExportedDataButton.enabled = folder is not None and not running
+        ranking = self.suggestLogic.is_running
+        self.ui.suggestButton.text = "Cancel ranking" if ranking else "Suggest next volume to annotate"
+        self.ui.suggestButton.enabled = ranking or not (running or exporting)
+        self.ui.annotateTopButton.enabled = not ranking and top_volume(slicer.mrmlScene,
+                                                                       self.suggestLogic.status) is not None
 
 
 class ISDNetTrainTest(ScriptedLoadableModuleTest):

@@ -27,6 +27,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from isdnet.config import METHODS, MODEL_SUFFIX, SEGMENTATION_ENDING, TrainConfig
 from isdnet.errors import ISDNetError
+from ISDNetLib.suggestions import describe, suggestion_rows
 from ISDNetLib.volumes import NodeError
 
 from . import guard
@@ -170,6 +171,7 @@ class ISDNetWebApp:
         s.segment_state, s.segment_progress = "idle", 0
         s.show_confidence, s.has_result, s.has_confidence = False, False, False
         s.seg_file_name, s.model_file_name = f"segmentation{SEGMENTATION_ENDING}", f"model{MODEL_SUFFIX}"
+        s.suggest_state, s.suggestions, s.suggest_text = "idle", [], ""
         if s.models:
             s.model = s.models[-1]
 
@@ -276,6 +278,17 @@ class ISDNetWebApp:
         path = self.session.model_path(str(self.state.model or ""))
         return self.server.protocol.addAttachment(path.read_bytes())
 
+    # ----- suggested next
+    @reports
+    def suggest(self) -> None:
+        """Rank the unlabeled volumes with the chosen model: which to annotate next."""
+        if not self.state.model:
+            raise WorkspaceError("choose a model first (train one, or put a .safetensors file in the workspace)")
+        self.session.start_suggestion(self.state.model)
+        self.state.suggest_state, self.state.suggestions, self.state.suggest_text = "running", [], ""
+        self.say("Ranking the unlabeled volumes...")
+        self._poll()
+
     # ----- progress
     def _poll(self) -> None:
         s = self.state
@@ -296,6 +309,12 @@ class ISDNetWebApp:
             self._refresh_lists()
             self._show()
         s.segment_state, s.segment_progress = segment.state, round(100 * segment.fraction, 1)
+        ranking = self.session.suggest.poll()
+        if ranking.state != s.suggest_state and ranking.state in ("done", "cancelled", "failed"):
+            s.suggestions = suggestion_rows(self.session.scene, ranking)
+            s.suggest_text = describe(self.session.scene, ranking)  # one line, never the log
+            self.say(s.suggest_text, error=ranking.state == "failed")
+        s.suggest_state = ranking.state
 
     # ----- views
     @change("current_volume", "show_confidence")

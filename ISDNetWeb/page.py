@@ -1,4 +1,4 @@
-"""The web page of ``ISDNetWebApp``: the volumes, training and segmentation cards, and Slicer's views.
+"""The web page of ``ISDNetWebApp``: the volumes, training, segmentation and suggestion cards, and Slicer's views.
 
 Every input binds one state key (``v_model``), the only state a client may change (``guard.bound_keys``); every
 button calls one method of the app. Nothing is rendered as HTML from state: the chart is an image.
@@ -30,6 +30,7 @@ def build_page(app: ISDNetWebApp) -> Any:
             _data_card(app)
             _train_card(app)
             _segment_card(app)
+            _suggest_card(app)
         with v3.VMain(style="height: 100vh"), html.Div(classes="d-flex fill-height", style="width: 100%"):
             app.layout_manager.initialize_layout_grid(ui)
     return ui
@@ -107,3 +108,17 @@ def _segment_card(app: ISDNetWebApp) -> None:
                     click=(f"utils.download(model_file_name, trigger('"
                            f"{app.server.controller.trigger_name(app.download_model)}'), "
                            "'application/octet-stream')"))
+
+
+def _suggest_card(app: ISDNetWebApp) -> None:
+    """Which unlabeled volume to annotate next, by the chosen model: a ranked list (text only, never HTML)."""
+    with v3.VCard(title="4. Suggest next volume to annotate", density="compact", classes="ma-2"), v3.VCardText():
+        v3.VBtn("Suggest next", click=app.suggest, color="primary", id="suggest",
+                disabled=("suggest_state === 'running' || !model",))
+        v3.VProgressLinear(indeterminate=True, height=4, color="secondary", classes="mt-2",
+                           active=("suggest_state === 'running'",))
+        html.Div("{{ suggest_text }}", id="suggest-text", classes="text-body-2 mt-2")
+        with v3.VList(density="compact", id="suggestions"):
+            with v3.VListItem(v_for="s in suggestions", key="s.id", click=(app.select_volume, "[s.id]")):
+                v3.VListItemTitle("{{ s.rank }}. {{ s.name }}")
+                v3.VListItemSubtitle("{{ s.strategy }} score {{ s.score }}")

@@ -1,6 +1,7 @@
-"""The workflow behind the web page: volumes and their labels in a Slicer scene, training and segmentation.
+"""The workflow behind the web page: volumes and their labels in a Slicer scene, training, segmentation and the
+suggested next volume to annotate.
 
-Training and segmentation are ISDNetLib's TrainLogic and SegmentLogic; this class only
+Training, segmentation and ranking are ISDNetLib's TrainLogic, SegmentLogic and SuggestLogic; this class only
 loads files into nodes, keeps which volume is labeled, and names the files in the workspace. No trame here.
 """
 
@@ -13,8 +14,11 @@ from typing import Any, Optional
 import slicer
 
 from isdnet.config import CHECKPOINT_SUFFIX, MODEL_SUFFIX, SEGMENTATION_ENDING, training_files
+from ISDNetLib.jobs import TrainingOptions
 from ISDNetLib.segment import SegmentLogic, SegmentStatus
-from ISDNetLib.train import TrainingOptions, TrainingStatus, TrainLogic
+from ISDNetLib.suggest import SuggestLogic
+from ISDNetLib.suggestions import rank_request
+from ISDNetLib.train import TrainingStatus, TrainLogic
 from ISDNetLib.volumes import temporary_nodes
 
 from .security import SAFE_NAME, Workspace, WorkspaceError
@@ -63,6 +67,7 @@ class WebSession:
         self.device = device
         self.train = TrainLogic(scene)
         self.segment = SegmentLogic(scene)
+        self.suggest = SuggestLogic(scene)
         self.volumes: dict[str, VolumeEntry] = {}
         self._segmenting: Optional[VolumeEntry] = None
 
@@ -185,6 +190,15 @@ class WebSession:
         self.segment.start(entry.node, path, device=self.device, confidence=True,
                            segmentation_node=entry.result)
 
+    # ----- suggested next
+    def start_suggestion(self, model: str) -> None:
+        """Rank the unlabeled volumes with a workspace model in a child process (``self.suggest.poll`` follows)."""
+        if self.suggest.is_running:
+            raise WorkspaceError("a ranking is already running")
+        path = self.model_path(model)
+        volumes = [e.node for e in self.volumes.values() if e.role == "unlabeled"]
+        self.suggest.start(rank_request([str(path)], volumes), volumes, device=self.device)
+
     def poll(self) -> tuple[TrainingStatus, SegmentStatus]:
         """Advance both logics; a finished segmentation is attached to its volume, with a 3D surface."""
         train = self.train.poll()
@@ -222,3 +236,4 @@ class WebSession:
         not), so that resume loses nothing."""
         self.train.on_application_exit()
         self.segment.cancel()
+        self.suggest.cancel()

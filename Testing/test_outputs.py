@@ -7,7 +7,9 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from isdnet.checkpoint import save_checkpoint
@@ -16,6 +18,7 @@ from isdnet.geometry import NORMALISATION
 from isdnet.modelfile import make_header, save_model
 from isdnet.networks import ConfidenceNet, SUNet
 from isdnet.phantoms import write_phantom_dataset
+from isdnet.uncertainty import analyse
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,7 @@ def test_inputs_whose_outputs_would_collide_are_refused(dataset, model, tmp_path
     pairs = (("a/case.nii.gz", "b/case.nii.gz"),  # the same case name from two folders
              ("a/case.nii.gz", "b/case_0000.nii.gz"),  # nnU-Net's channel suffix gives the same name
              ("a/case.nii.gz", "a/case_confidence.nii.gz"),  # one would pass for the other's confidence map
+             ("a/case.nii.gz", "b/case_uncertainty.nii.gz"),  # ... or for its uncertainty map
              ("a/Case.nii.gz", "b/case.nii.gz"))  # one file on Windows and macOS
     for first, second in pairs:
         for name in (first, second):
@@ -88,6 +92,48 @@ def test_inputs_whose_outputs_would_collide_are_refused(dataset, model, tmp_path
                       "--out", str(tmp_path / "out"), "--device", "cpu")
         assert second in err and first in err and "collide" in err
         assert not (tmp_path / "out").exists()
+
+
+def test_segment_writes_the_uncertainty_map_beside_the_segmentation_on_the_inputs_grid(dataset, model, tmp_path,
+                                                                                        capsys):
+    image = sitk.ReadImage(str(dataset / "imagesTr" / "phantom_001.nii.gz"))
+    image.SetSpacing((0.7, 1.3, 2.9))  # a grid of its own, oblique, for the map to come back to
+    image.SetOrigin((4.0, -7.5, 12.0))
+    image.SetDirection(sitk.VersorTransform((0.3, 0.1, 0.9), 0.4).GetMatrix())
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "in" / "oblique.nii.gz"))
+    for kind in ("entropy", "flip"):
+        out = tmp_path / kind
+        assert main(["segment", "--model", str(model), str(tmp_path / "in" / "oblique.nii.gz"), "--out", str(out),
+                     "--uncertainty", kind, "--device", "cpu"]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["oblique.nii.gz", "oblique.seg.nrrd",
+                                                         "oblique_uncertainty.nii.gz"]
+        written = sitk.ReadImage(str(out / "oblique_uncertainty.nii.gz"))
+        assert written.GetSize() == image.GetSize() and written.GetPixelID() == sitk.sitkFloat32
+        for a, b in ((written.GetSpacing(), image.GetSpacing()), (written.GetOrigin(), image.GetOrigin()),
+                     (written.GetDirection(), image.GetDirection())):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        values = sitk.GetArrayFromImage(written)
+        assert values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
+        expected = analyse(tmp_path / "in" / "oblique.nii.gz", model, kinds=[kind], device="cpu").maps[kind]
+        np.testing.assert_allclose(values, sitk.GetArrayFromImage(expected), atol=1e-6)
+    out = tmp_path / "evaluated"
+    assert main(["segment", "--model", str(model), str(dataset / "imagesTr" / "phantom_000.nii.gz"), "--out",
+                 str(out), "--uncertainty", "entropy", "--confidence", "--device", "cpu"]) == 0
+    assert (out / "phantom_000_uncertainty.nii.gz").is_file() and (out / "phantom_000_confidence.nii.gz").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(out), "--truth", str(dataset)]) == 0
+    report = capsys.readouterr().out  # the maps beside the label map are no predictions to evaluate
+    assert '"phantom_000"' in report and "_uncertainty" not in report and "_confidence" not in report
+
+    torch.manual_seed(0)
+    segmenter = SUNet(1, 3, base_channels=4, depth=2, groups=2)
+    header = make_header(["background", "organ", "lesion"], dict(NORMALISATION),
+                         {"slice_axis": "z", "spacing": [2.0, 2.0], "size": [16, 16]}, segmenter, method="supervised")
+    without_d = save_model(tmp_path / "no-d.safetensors", header, segmenter)
+    err = refused(capsys, "segment", "--model", str(without_d), str(tmp_path / "in" / "oblique.nii.gz"), "--out",
+                  str(tmp_path / "none"), "--uncertainty", "confidence", "--device", "cpu")
+    assert "no-d.safetensors" in err and "no confidence network" in err and not (tmp_path / "none").exists()
 
 
 def test_places_that_cannot_be_written_are_one_line(dataset, model, tmp_path, capsys):

@@ -97,6 +97,33 @@ def test_review_shows_the_models_uncertainty_over_the_volume(mrml, model):
     assert len(maps) == 1 and maps[0].GetAttribute("ISDNet.Uncertainty") == "flip"
 
 
+def test_a_review_above_the_in_process_limit_runs_in_a_child_with_the_same_map(mrml, model):
+    scene = mrml.scene
+    fx.add_slice_views(scene)
+    image, _ = fx.phantom((12, 32, 32), seed=4)
+    volume = fx.add_volume(scene, image, "large", (0.8, 0.8, 2.5), (5.0, -3.0, 2.0), fx.rotation(15, 2))
+    logic = SegmentLogic(scene, python=sys.executable)
+    segmented = logic.segment(volume, model, device="cpu")
+    assert logic.review(volume, model, uncertainty="flip", device="cpu", view="Green", count=4,
+                        in_process_max_voxels=12 * 32 * 32 - 1) is None
+    assert logic.status.state == "running" and "uncertainty of 'large'" in logic.status.message
+    command = logic.runner.log_tail(1)[0]  # the log's first line: the child's command
+    assert " -m isdnet segment " in command and command.endswith("--uncertainty flip")
+    deadline = time.monotonic() + 120
+    while logic.poll().state == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = logic.status
+    assert status.state == "done", status.message
+    node = status.uncertainty_node
+    assert output_kind(node) == UNCERTAINTY and node.GetAttribute("ISDNet.Uncertainty") == "flip"
+    expected = analyse(image_from_volume(volume), model, kinds=["flip"], device="cpu").maps["flip"]
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), sitk.GetArrayViewFromImage(expected), atol=1e-5)
+    assert status.slices == uncertain_slices(node, "Green", 4) and len(status.slices) == 4
+    assert status.segmentation_node is segmented, "a review keeps the segmentation to use as a label"
+    composite = scene.GetSingletonNode("Green", "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == node.GetID()
+
+
 def unlabeled_volumes(scene) -> list:
     return [fx.add_volume(scene, fx.phantom((12, 32, 32), seed=s)[0] * (1 + 3 * (s == 2)), f"scan {s}",
                           (0.8, 0.8, 2.5)) for s in range(3)]

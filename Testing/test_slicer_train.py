@@ -18,13 +18,8 @@ import slicer_fixture as fx
 
 from isdnet.config import checkpoint_path, log_path, stop_path
 from ISDNetLib.export import ExportJob, export_dataset
-from ISDNetLib.train import (
-    TrainingOptions,
-    TrainLogic,
-    dataset_folder_for,
-    default_model_path,
-    would_overwrite,
-)
+from ISDNetLib.jobs import TrainingOptions, dataset_folder_for, default_model_path, would_overwrite
+from ISDNetLib.train import TrainLogic
 from ISDNetLib.volumes import NodeError, ijk_to_ras
 
 

@@ -92,6 +92,23 @@ def test_ui_files_declare_their_custom_widgets_and_resources_exist(module):
                 cmake.replace("${MODULE_NAME}", module), f"{path.name} is not installed by {module}/CMakeLists.txt"
 
 
+def test_the_train_widget_has_the_suggested_column_and_its_buttons():
+    widgets = ui_widgets("ISDNetTrain")
+    table = widgets["volumesTable"]
+    headers = [c.findtext("property/string") for c in table.findall("column")]
+    assert headers == ["Use volume", "Segmentation", "Suggested"]
+    assert table.find("property[@name='columnCount']/number").text == str(len(headers))
+    for name in ("suggestButton", "annotateTopButton"):
+        assert widgets[name].get("class") == "QPushButton"
+    assert widgets["suggestStatusLabel"].get("class") == "QLabel"
+    section = widgets["suggestCollapsibleButton"]
+    assert {w.get("name") for w in section.iter("widget")} >= {"suggestButton", "annotateTopButton",
+                                                               "suggestStatusLabel"}
+    source = (ROOT / "ISDNetTrain" / "ISDNetTrain.py").read_text(encoding="utf-8")
+    assert "table.setItem(row, 2, suggested)" in source, "the Suggested cell goes in the third column"
+    assert 'slicer.util.selectModule("SegmentEditor")' in source
+
+
 def test_libraries_use_neither_qt_nor_the_global_scene():
     for lib in (ROOT / "ISDNetLib",):
         for path in lib.glob("*.py"):

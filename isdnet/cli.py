@@ -20,6 +20,9 @@ from .config import (
     DEVICES,
     PRECISIONS,
     RANK_STRATEGIES,
+    UNCERTAINTIES,
+    UNCERTAINTY_SUFFIX,
+    VOLUME_ENDING,
     Event,
     add_train_arguments,
     config_from_arguments,
@@ -54,6 +57,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--confidence", action="store_true", help="also write <case>_confidence.nii.gz")
+    p.add_argument("--uncertainty", choices=UNCERTAINTIES, metavar="MAP",
+                   help=f"also write this uncertainty map (one of {', '.join(UNCERTAINTIES)}; 0 certain .. 1) as "
+                   f"<case>{UNCERTAINTY_SUFFIX}{VOLUME_ENDING} (docs/active.md)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -158,8 +164,14 @@ def run_segment(args: argparse.Namespace, progress: Progress) -> None:
     from .outputs import output_names, segmentation_files, write_segmentation
 
     names = output_names(args.images)
-    check_outputs_apart([p for n in names for p in segmentation_files(args.out, n, args.confidence)], args.images)
+    maps = [args.uncertainty] if args.uncertainty else []
+    check_outputs_apart([p for n in names for p in segmentation_files(args.out, n, args.confidence, bool(maps))],
+                        args.images)
     model = load_model(args.model)
+    if maps:
+        from .uncertainty import analyse, check_uncertainties
+
+        check_uncertainties(model, maps, args.model)
     output_folder(args.out)
     for index, (image, name) in enumerate(zip(args.images, names)):
 
@@ -169,7 +181,11 @@ def run_segment(args: argparse.Namespace, progress: Progress) -> None:
 
         result = segment(image, model, batch_size=args.batch_size, device=args.device, precision=args.precision,
                          confidence=args.confidence, progress=report)
-        written = write_segmentation(result, model.header, args.out, name)
+        uncertainty = None
+        if maps:  # a second pass of S (and D), through the same slice preparation
+            uncertainty = analyse(image, model, kinds=maps, batch_size=args.batch_size, device=args.device,
+                                  precision=args.precision).maps[args.uncertainty]
+        written = write_segmentation(result, model.header, args.out, name, uncertainty)
         progress.emit("case", case=name, index=index + 1, cases=len(args.images), outputs=[str(p) for p in written])
         if not progress.json_lines:
             print(f"{name}: " + ", ".join(str(p) for p in written))

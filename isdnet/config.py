@@ -231,7 +231,14 @@ RANK_STRATEGIES = (*UNCERTAINTIES, "combined", "random")
 # PROVISIONAL: not yet measured. isdnet-bench active measures each strategy's gain over random; the default is to
 # become the best measured one (docs/active.md).
 DEFAULT_RANK_STRATEGY = "entropy"
+RANK_STRATEGIES_MEASURED = False  # True once isdnet-bench active has measured the strategies (docs/active.md)
+RANK_STRATEGY_TITLES = {"confidence": "share of low-confidence pixels (D) in the predicted foreground",
+                        "entropy": "mean segmenter entropy (S) over the predicted foreground",
+                        "flip": "mean left-right flip disagreement (S) over the predicted foreground",
+                        "combined": "mean rank over the available signals", "random": "a seeded random order"}
 DEFAULT_UNCERTAINTY = "entropy"  # the map a front end shows for review unless told otherwise (provisional too)
+# Slicer-side logics compute up to this many voxels in Slicer's process, larger volumes in an engine child.
+IN_PROCESS_MAX_VOXELS = 2**22
 LOW_CONFIDENCE = 0.5  # D's confidence below which a predicted foreground pixel counts as low-confidence
 UNCERTAINTY_TITLES = {"confidence": "1 - confidence network (D)", "entropy": "segmenter entropy (S)",
                       "flip": "left-right flip disagreement (S)"}
@@ -249,6 +256,8 @@ DATASET_FILE = "dataset.json"
 VOLUME_ENDING = ".nii.gz"  # the volumes the engine and the front ends write: images, label maps, confidence maps
 SEGMENTATION_ENDING = ".seg.nrrd"
 CONFIDENCE_SUFFIX = "_confidence"  # <case>_confidence.nii.gz beside <case>.nii.gz
+UNCERTAINTY_SUFFIX = "_uncertainty"  # <case>_uncertainty.nii.gz beside <case>.nii.gz (segment --uncertainty MAP)
+MAP_SUFFIXES = (CONFIDENCE_SUFFIX, UNCERTAINTY_SUFFIX)  # the maps written beside a label map: never label maps
 RANK_FILE = "rank.json"  # what isdnet rank writes when a front end asks it for JSON
 LOCK_SUFFIX = ".lock"  # the training lock beside a model: name.safetensors.lock
 TEMPORARY_MARKER = ".isdnet-tmp"  # in every temporary the engine writes: .<target>.<random hex><marker><ending>

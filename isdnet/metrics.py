@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .config import CONFIDENCE_SUFFIX, DATASET_FILE, VOLUME_ENDING
+from .config import DATASET_FILE, MAP_SUFFIXES, VOLUME_ENDING
 from .dataset import load_dataset
 from .errors import InputError
 from .images import label_values, read_label_map
@@ -213,7 +213,7 @@ def evaluate_folders(pred_dir: PathLike, truth: PathLike,
     for folder in (pred_dir, truth):
         if not folder.is_dir():
             raise InputError(folder, "is not a folder")
-    predictions = [p for p in _label_maps(pred_dir) if not _case_name(p).endswith(CONFIDENCE_SUFFIX)]
+    predictions = [p for p in _label_maps(pred_dir) if not _case_name(p).endswith(MAP_SUFFIXES)]
     if not predictions:
         raise InputError(pred_dir, f"contains no {VOLUME_ENDING} label maps")
     if (truth / DATASET_FILE).is_file():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import SimpleITK as sitk
 
-from .config import CONFIDENCE_SUFFIX, SEGMENTATION_ENDING, VOLUME_ENDING
+from .config import CONFIDENCE_SUFFIX, MAP_SUFFIXES, SEGMENTATION_ENDING, UNCERTAINTY_SUFFIX, VOLUME_ENDING
 from .dataset import case_name
 from .errors import InputError
 from .files import write_image_atomically
@@ -39,35 +39,39 @@ def seg_nrrd_metadata(labels: sitk.Image, classes: list[dict[str, Any]]) -> dict
     return fields
 
 
-def segmentation_files(folder: Path, name: str, confidence: bool) -> list[Path]:
-    """The files ``write_segmentation`` writes for case ``name``: label map, .seg.nrrd and, with ``confidence``,
-    the confidence map."""
+def segmentation_files(folder: Path, name: str, confidence: bool, uncertainty: bool = False) -> list[Path]:
+    """The files ``write_segmentation`` writes for case ``name``: label map, .seg.nrrd and, with ``confidence``
+    and ``uncertainty``, the confidence and uncertainty maps."""
     files = [folder / f"{name}{VOLUME_ENDING}", folder / f"{name}{SEGMENTATION_ENDING}"]
-    if confidence:
-        files.append(folder / f"{name}{CONFIDENCE_SUFFIX}{VOLUME_ENDING}")
+    for wanted, suffix in ((confidence, CONFIDENCE_SUFFIX), (uncertainty, UNCERTAINTY_SUFFIX)):
+        if wanted:
+            files.append(folder / f"{name}{suffix}{VOLUME_ENDING}")
     return files
 
 
 def output_names(images: Sequence[Path]) -> list[str]:
     """The case name of each image, refusing two images whose outputs would share a file (also where names differ
-    only in case, as they do not on Windows and macOS) or pass for each other's confidence map."""
+    only in case, as they do not on Windows and macOS) or pass for each other's confidence or uncertainty map."""
     claimed: dict[str, Path] = {}
     names = []
     for image in images:
         name = case_name(image)
-        for key in (name.casefold(), (name + CONFIDENCE_SUFFIX).casefold()):
+        keys = [(name + suffix).casefold() for suffix in ("", *MAP_SUFFIXES)]
+        for key in keys:
             if key in claimed and claimed[key] != image:
                 raise InputError(image, f"its outputs ({name}{VOLUME_ENDING}, ...) would collide with those of "
                                         f"{claimed[key]}; rename one of them or segment them separately")
-        claimed.update({name.casefold(): image, (name + CONFIDENCE_SUFFIX).casefold(): image})
+        claimed.update(dict.fromkeys(keys, image))
         names.append(name)
     return names
 
 
-def write_segmentation(result: SegmentationResult, header: dict[str, Any], folder: Path, name: str) -> list[Path]:
-    """Write ``<name>.nii.gz``, ``<name>.seg.nrrd`` and, when present, ``<name>_confidence.nii.gz``.
+def write_segmentation(result: SegmentationResult, header: dict[str, Any], folder: Path, name: str,
+                       uncertainty: Optional[sitk.Image] = None) -> list[Path]:
+    """Write ``<name>.nii.gz``, ``<name>.seg.nrrd`` and, when present, ``<name>_confidence.nii.gz`` and the
+    ``uncertainty`` map ``<name>_uncertainty.nii.gz``.
 
-    ``isdnet evaluate`` skips the confidence maps, so the folder can be evaluated as it is. Each file goes to a
+    ``isdnet evaluate`` skips these maps, so the folder can be evaluated as it is. Each file goes to a
     temporary beside it and is renamed when complete, so a killed run leaves no half-written file (at most a hidden
     temporary, which the next write of that file removes), and a failed write removes the case's files written
     before it.
@@ -75,10 +79,11 @@ def write_segmentation(result: SegmentationResult, header: dict[str, Any], folde
     seg = sitk.Image(result.labels)
     for key, value in seg_nrrd_metadata(seg, header["classes"]).items():
         seg.SetMetaData(key, value)
-    images = [result.labels, seg] + ([result.confidence] if result.confidence is not None else [])
+    images = [result.labels, seg] + [m for m in (result.confidence, uncertainty) if m is not None]
+    paths = segmentation_files(Path(folder), name, result.confidence is not None, uncertainty is not None)
     written: list[Path] = []
     try:
-        for image, path in zip(images, segmentation_files(Path(folder), name, result.confidence is not None)):
+        for image, path in zip(images, paths):
             write_image_atomically(image, path)
             written.append(path)
     except (RuntimeError, OSError) as error:
