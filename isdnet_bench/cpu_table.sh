@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The hippocampus table on a 2-core CPU, most informative runs first, resumable across sessions and machines:
+#   isdnet_bench/cpu_table.sh            (from the repository root; DATASET=... for another copy of the data)
+# Each finished run leaves its small JSON record in docs/bench_accuracy_hippocampus_runs/ (commit them, never the
+# models); a run cut off mid-training resumes from its checkpoint in $OUT (bench-output/accuracy-cpu/) when that folder
+# is still there, and starts over when it is not. Each step prints its table and writes its report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATASET=${DATASET:-../shared/data/hippocampus}
+PYTHON=${PYTHON:-.venv/bin/python}
+RECORDS=docs/bench_accuracy_hippocampus_runs
+OUT=${OUT:-bench-output/accuracy-cpu}
+bench() {
+    nice -n 5 "$PYTHON" -m isdnet_bench accuracy "$DATASET" --out "$OUT" --records "$RECORDS" --threads 1 "$@"
+}
+# 1. The issue's headline: 5 paired seeds of baseline and isdnet at 1/8 and 1/16.
+bench --jobs 2 --methods baseline isdnet --fractions 0.125 0.0625 --no-full --report "$OUT/paired"
+# 2. Where the labels are scarce enough to leave room (1/64: 2 training cases and 1 for validation).
+bench --jobs 2 --methods baseline isdnet --fractions 0.015625 --no-full --report "$OUT/scarce"
+# 3. The paper's Table 3: every method at 1/2, 1/8, 1/16 and the full-label baseline (the committed report).
+bench --jobs 2 --report docs/bench_accuracy_hippocampus
+# 4. The choices the paper leaves open (issue 12, C), seed 0, each a named row beside the faithful isdnet.
+bench --jobs 1 --methods isdnet --fractions 0.125 0.0625 --no-full --seeds 0 \
+    --variant image-d:discriminator=ImageConditionedConfidenceNet ramp:semi_rampup_epochs=10 \
+    tsemi0.5:t_semi=0.5 temperature2:discriminator_temperature=2 --report docs/bench_accuracy_variants
