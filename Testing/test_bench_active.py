@@ -4,6 +4,7 @@ end on real hippocampus MRI (skipped where the dataset is absent)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_bench_accuracy import HIPPOCAMPUS
@@ -69,3 +70,11 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert [r["train_time_s"] for r in again["runs"]] == [r["train_time_s"] for r in report["runs"]]
+    # --review scores the maps of a trained model and trains nothing.
+    model = tmp_path / "runs" / "start_seed0.safetensors"
+    assert main(["active", str(HIPPOCAMPUS), "--out", str(tmp_path / "review"), "--test-cases", "1",
+                 "--review", str(model)]) == 0
+    reviewed = json.loads((tmp_path / "review" / "results.json").read_text(encoding="utf-8"))
+    assert [Path(r["model"]) for r in reviewed["models"]] == [model]
+    assert reviewed["models"][0]["uncertainty"] == start["uncertainty"]  # the same test case, the same model
+    assert not (tmp_path / "review" / "runs").exists() and "| start_seed0 |" in capsys.readouterr().out

@@ -41,7 +41,7 @@ from isdnet.uncertainty import analyse
 
 from .accuracy import add_training_arguments, importance_weights, score
 from .accuracy_plan import Run, split_cases, train_config
-from .active_report import render_chart, render_markdown, summarise
+from .active_report import render_chart, render_markdown, render_review, summarise
 from .machine import code_commit, describe_machine
 from .records import add_output_arguments, apply_quick, same_settings, save_record
 
@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="isdnet", help="what every round trains (isdnet has D and D0)")
     add_training_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--review", nargs="+", type=Path, default=[], metavar="MODEL",
+                        help="train nothing: how each uncertainty map of these trained models finds their errors "
+                             "on the test split")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run in minutes (explicit options override it): "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
@@ -172,6 +175,9 @@ def run(args: argparse.Namespace) -> None:
     spec = load_dataset(args.dataset)
     train_cases, test_cases = split_cases(args.dataset, spec.cases, args.test_fraction)
     train_cases, test_cases = train_cases[:args.cases], test_cases[:args.test_cases]
+    if args.review:
+        review_models(args, test_cases, spec.labels, started)
+        return
     by_name = {c.name: c for c in train_cases}
     folder = args.out / "runs"
     records_folder = args.records or folder
@@ -197,21 +203,40 @@ def run(args: argparse.Namespace) -> None:
             records.append(_recorded(records_folder / f"{strategy}_seed{seed}.json", settings,
                                      partial(added_round, start, strategy, args, config, by_name, test_cases,
                                              spec.labels, folder)))
-    report_path = args.report or args.out / "results"
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(
-        meta=dict(dataset=args.dataset.name, commit=code_commit(), machine=describe_machine(),
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  command="isdnet-bench active " + " ".join(sys.argv[sys.argv.index("active") + 1:])
-                  if "active" in sys.argv else " ".join(sys.argv),
-                  settings=(f"{len(train_cases)} training cases, {len(test_cases)} test cases; start "
-                            f"{args.start_fraction:g} labeled, +{args.add} per strategy; {args.method}, about "
-                            f"{args.steps} steps of S per training; seeds {args.seeds}"),
-                  uncertainties=list(UNCERTAINTIES), wall_time_s=round(time.monotonic() - started, 1)),
-        **summarise(records, REFERENCE),
-        runs=[{k: v for k, v in r.items() if k != "settings"} for r in records])
-    markdown = render_markdown(report)
-    report_path.with_suffix(".md").write_text(markdown, encoding="utf-8")
-    report_path.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    render_chart(report, report_path.with_suffix(".png"))
+    settings = (f"{len(train_cases)} training cases, {len(test_cases)} test cases; start {args.start_fraction:g} "
+                f"labeled, +{args.add} per strategy; {args.method}, about {args.steps} steps of S per training; "
+                f"seeds {args.seeds}")
+    report = dict(meta=_meta(args, settings, started), **summarise(records, REFERENCE),
+                  runs=[{k: v for k, v in r.items() if k != "settings"} for r in records])
+    render_chart(report, _write(report, render_markdown(report), args).with_suffix(".png"))
+
+
+def review_models(args: argparse.Namespace, test_cases: Sequence[Case], labels: dict[int, str],
+                  started: float) -> None:
+    """``--review``: each trained model's test Dice and how each of its uncertainty maps finds its errors."""
+    config = TrainConfig(device=args.device, precision=args.precision)
+    rows = []
+    for model in args.review:
+        metrics, found = review(model, test_cases, labels, config)
+        rows.append(dict(model=str(model), dice=metrics["dice"], uncertainty=found))
+    report = dict(meta=_meta(args, f"{len(test_cases)} test cases; trained models reviewed", started), models=rows)
+    _write(report, render_review(report), args)
+
+
+def _meta(args: argparse.Namespace, settings: str, started: float) -> dict[str, Any]:
+    return dict(dataset=args.dataset.name, commit=code_commit(), machine=describe_machine(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="isdnet-bench active " + " ".join(sys.argv[sys.argv.index("active") + 1:])
+                if "active" in sys.argv else " ".join(sys.argv),
+                settings=settings, uncertainties=list(UNCERTAINTIES), wall_time_s=round(time.monotonic() - started, 1))
+
+
+def _write(report: dict[str, Any], markdown: str, args: argparse.Namespace) -> Path:
+    """Write the report's Markdown and JSON at ``--report`` (default ``<out>/results``), print the Markdown, and
+    return the path without extension."""
+    path = args.report or args.out / "results"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    path.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(markdown)
+    return path

@@ -67,6 +67,26 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def render_review(report: dict[str, Any]) -> str:
+    """``--review``'s report as Markdown: per model, its test Dice and each map's AUROC and top-10% share."""
+    meta = report["meta"]
+    lines = [f"# Do the uncertainty maps find the errors? {meta['dataset']}", "",
+             f"{meta['settings']}. Commit {meta['commit']}, {meta['machine']}, {meta['date']}.", "",
+             f"Command: `{meta['command']}`", "",
+             "AUROC of each map for wrong versus right test voxels (0.5 is chance), and the share of all wrong "
+             "voxels among the 10% most uncertain:", "",
+             "| model | test Dice | " + " | ".join(meta["uncertainties"]) + " |",
+             "|---|---|" + "---|" * len(meta["uncertainties"])]
+    for row in report["models"]:
+        cells = []
+        for kind in meta["uncertainties"]:
+            found = row["uncertainty"].get(kind)
+            top = "" if not found or found["wrong_in_top"] is None else f" / {100 * found['wrong_in_top']:.0f} %"
+            cells.append(f"{found['auroc_wrong']:.3f}{top}" if found and found["auroc_wrong"] is not None else "")
+        lines.append(f"| {Path(row['model']).stem} | {100 * row['dice']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
 def render_chart(report: dict[str, Any], path: Path) -> None:
     """Bars: each strategy's mean gain over random with its 95% interval."""
     import matplotlib
