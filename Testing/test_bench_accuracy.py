@@ -154,3 +154,24 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     partial = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert partial["meta"]["runs_done"] == 0 and set(partial["summary"]) == {"1/2|baseline", "1/2|isdnet"}
     assert not (tmp_path / "runs" / "adv_1of2_seed0.json").exists()
+
+
+def test_a_run_stopped_before_its_budget_leaves_no_record_and_resumes_next_time(tmp_path, capsys):
+    """SIGTERM at the end of a session stops a run through the same request as its stop file: its partly trained
+    model must not be scored as the run's result. The next invocation resumes it from its checkpoint."""
+    from isdnet.config import stop_path
+    from isdnet.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", 8, shape=(12, 48, 48))
+    argv = ["accuracy", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--methods", "baseline",
+            "--fractions", "0.5", "--no-full", "--seeds", "0", "--steps", "6", "--warmup-epochs", "1",
+            "--base-channels", "4", "--slice-size", "32", "32", "--test-fraction", "0.25"]
+    runs = tmp_path / "out" / "runs"
+    runs.mkdir(parents=True)
+    stop_path(runs / "baseline_1of2_seed0.safetensors").touch()  # Stop pressed as the run starts
+    assert main(argv) == 2
+    assert "baseline_1of2_seed0 was stopped" in capsys.readouterr().err
+    assert not (runs / "baseline_1of2_seed0.json").exists()
+    assert main(argv) == 0
+    record = json.loads((runs / "baseline_1of2_seed0.json").read_text(encoding="utf-8"))
+    assert record["resumed"] and record["steps"] >= 6

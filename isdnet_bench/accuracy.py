@@ -44,7 +44,14 @@ from isdnet.validation import split_validation
 from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, split_cases, train_config
 from .accuracy_report import paired, render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record
+from .records import (
+    add_output_arguments,
+    apply_quick,
+    command_line,
+    require_finished,
+    reusable_record,
+    save_record,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +134,7 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
     with open(folder / f"{run.name}.log.jsonl", "a" if resumed else "w", encoding="utf-8") as log:
         result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log),
                        best_out=best, resume=resumed)
+    require_finished(result, run.name)
     train_time = time.monotonic() - started
     started = time.monotonic()
     loaded = load_model(model)

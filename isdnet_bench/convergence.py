@@ -39,7 +39,14 @@ from .accuracy import score
 from .accuracy_plan import parse_options, split_cases
 from .convergence_report import render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record
+from .records import (
+    add_output_arguments,
+    apply_quick,
+    command_line,
+    require_finished,
+    reusable_record,
+    save_record,
+)
 
 ARMS = ("current", "candidate", "reference")
 # The candidate new defaults: the accuracy benchmark's protocol that converged on hippocampus (docs/results.md).
@@ -152,6 +159,7 @@ def execute(name: str, config: TrainConfig, labeled: Sequence[Case], unlabeled: 
     with open(log, "a" if resumed else "w", encoding="utf-8") as stream:
         result = train(labeled, unlabeled, labels, model, config, resume=resumed,
                        progress=_KeepCheckpoints(stream, checkpoint_path(model), kept, every))
+    require_finished(result, name)
     last = kept / f"epoch{result.epochs_run:05d}.checkpoint.safetensors"
     if not last.is_file():
         shutil.copyfile(checkpoint_path(model), last)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from isdnet.config import TrainConfig
+from isdnet.errors import ISDNetError
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, benchmark: str, work: str) -> None:
@@ -51,6 +52,18 @@ def apply_quick(args: argparse.Namespace, quick: dict[str, Any],
         if getattr(args, name) == defaults.get_default(name):
             setattr(args, name, value)
 
+
+
+class RunStopped(ISDNetError):
+    """A run was asked to stop (SIGTERM at the end of a session, Ctrl-C) before its budget: it leaves no record,
+    only its checkpoint, from which the next invocation resumes it."""
+
+
+def require_finished(result: Any, name: str) -> None:
+    """Raise RunStopped when ``result`` (a ``TrainResult``) is a run stopped before its budget, so that a partly
+    trained model is never scored and recorded as the run's result."""
+    if result.stopped:
+        raise RunStopped(f"{name} was stopped at epoch {result.epochs_run}; run the benchmark again to resume it")
 
 def same_settings(saved: Any, current: dict[str, Any]) -> bool:
     """True when a finished run was made with the current settings. An option added to TrainConfig after the run
