@@ -44,14 +44,7 @@ from isdnet.validation import split_validation
 from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, split_cases, train_config
 from .accuracy_report import paired, render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import (
-    add_output_arguments,
-    apply_quick,
-    command_line,
-    require_finished,
-    reusable_record,
-    save_record,
-)
+from .records import add_output_arguments, apply_quick, command_line, require_finished, reusable_record, save_record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,14 +39,7 @@ from .accuracy import score
 from .accuracy_plan import parse_options, split_cases
 from .convergence_report import render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import (
-    add_output_arguments,
-    apply_quick,
-    command_line,
-    require_finished,
-    reusable_record,
-    save_record,
-)
+from .records import add_output_arguments, apply_quick, command_line, require_finished, reusable_record, save_record
 
 ARMS = ("current", "candidate", "reference")
 # The candidate new defaults: the accuracy benchmark's protocol that converged on hippocampus (docs/results.md).
