@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-../shared/data/hippocampus}
 PYTHON=${PYTHON:-.venv/bin/python}
-RECORDS=docs/bench_accuracy_hippocampus_runs
+RECORDS=${RECORDS:-docs/bench_accuracy_hippocampus_runs}
 OUT=${OUT:-bench-output/accuracy-cpu}
 bench() {
     nice -n 5 "$PYTHON" -m isdnet_bench accuracy "$DATASET" --out "$OUT" --records "$RECORDS" --threads 1 "$@"
