@@ -175,3 +175,25 @@ def test_a_run_stopped_before_its_budget_leaves_no_record_and_resumes_next_time(
     assert main(argv) == 0
     record = json.loads((runs / "baseline_1of2_seed0.json").read_text(encoding="utf-8"))
     assert record["resumed"] and record["steps"] >= 6
+
+
+def test_a_checkpoint_that_cannot_be_resumed_starts_the_run_over(tmp_path, capsys):
+    """A checkpoint written by an older version (here: bytes that are no checkpoint) is no reason to stop the
+    benchmark: the run starts over, and says so. Its errors cross the pool of runs intact (they pickle)."""
+    import pickle
+
+    from isdnet.config import checkpoint_path
+    from isdnet.errors import InputError, ModelFileError
+    from isdnet.phantoms import write_phantom_dataset
+
+    error = pickle.loads(pickle.dumps(ModelFileError("m.safetensors", "is damaged")))
+    assert isinstance(error, InputError) and (error.path, error.problem) == ("m.safetensors", "is damaged")
+    write_phantom_dataset(tmp_path / "data", 8, shape=(12, 48, 48))
+    runs = tmp_path / "out" / "runs"
+    runs.mkdir(parents=True)
+    checkpoint_path(runs / "baseline_1of2_seed0.safetensors").write_bytes(b"not a checkpoint" * 64)
+    assert main(["accuracy", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--methods", "baseline",
+                 "--fractions", "0.5", "--no-full", "--seeds", "0", "--steps", "6", "--warmup-epochs", "1",
+                 "--base-channels", "4", "--slice-size", "32", "32", "--test-fraction", "0.25"]) == 0
+    assert "its checkpoint cannot be resumed" in capsys.readouterr().err
+    assert json.loads((runs / "baseline_1of2_seed0.json").read_text(encoding="utf-8"))["steps"] >= 6

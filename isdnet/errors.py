@@ -20,6 +20,10 @@ class InputError(ISDNetError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its path and problem, so it crosses process boundaries (a pool of runs) intact."""
+        return type(self), (self.path, self.problem)
+
 
 class ModelFileError(InputError):
     """A model file is not a valid ISDNet model (wrong format, bad header, mismatched weights)."""

@@ -37,14 +37,12 @@ from isdnet.infer import segment
 from isdnet.metrics import auroc, evaluate_cases
 from isdnet.modelfile import LoadedModel, load_model
 from isdnet.networks import ImportanceNet, SUNet
-from isdnet.progress import Progress
-from isdnet.train import train
 from isdnet.validation import split_validation
 
 from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, split_cases, train_config
 from .accuracy_report import paired, render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, command_line, require_finished, reusable_record, save_record
+from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record, train_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,10 +122,7 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
     model, best = folder / f"{run.name}.safetensors", folder / f"{run.name}.best.safetensors"
     started = time.monotonic()
     resumed = has_checkpoint(model)  # a run cut off by the end of a session continues from its checkpoint
-    with open(folder / f"{run.name}.log.jsonl", "a" if resumed else "w", encoding="utf-8") as log:
-        result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log),
-                       best_out=best, resume=resumed)
-    require_finished(result, run.name)
+    result = train_run(labeled, unlabeled, labels, model, config, folder / f"{run.name}.log.jsonl", best_out=best)
     train_time = time.monotonic() - started
     started = time.monotonic()
     loaded = load_model(model)

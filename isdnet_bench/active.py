@@ -30,20 +30,18 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from isdnet.config import RANK_STRATEGIES, UNCERTAINTIES, TrainConfig, checkpoint_path, has_checkpoint
+from isdnet.config import RANK_STRATEGIES, UNCERTAINTIES, TrainConfig, checkpoint_path
 from isdnet.dataset import Case, load_dataset, split_labeled
 from isdnet.metrics import auroc, evaluate_cases
 from isdnet.modelfile import load_model
-from isdnet.progress import Progress
 from isdnet.rank import order
-from isdnet.train import train
 from isdnet.uncertainty import analyse
 
 from .accuracy import add_training_arguments, importance_weights, score
 from .accuracy_plan import Run, split_cases, train_config
 from .active_report import render_chart, render_markdown, render_review, summarise
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, require_finished, same_settings, save_record
+from .records import add_output_arguments, apply_quick, same_settings, save_record, train_run
 
 IMPORTANCE = "importance"  # D0's signal: only the benchmark has it (from the checkpoint)
 STRATEGIES = (*[s for s in RANK_STRATEGIES if s != "random"], IMPORTANCE)
@@ -75,12 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(config: TrainConfig, labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str],
            model: Path) -> Any:
-    resumed = has_checkpoint(model)  # a training cut off by the end of a session continues from its checkpoint
-    with open(model.with_suffix(".log.jsonl"), "a" if resumed else "w", encoding="utf-8") as log:
-        result = train(labeled, unlabeled, labels, model, config, progress=Progress(json_lines=True, stream=log),
-                       resume=resumed)
-    require_finished(result, model.stem)
-    return result
+    return train_run(labeled, unlabeled, labels, model, config, model.with_suffix(".log.jsonl"))
 
 
 def review(model: Path, test_cases: Sequence[Case], labels: dict[int, str], config: TrainConfig

@@ -33,13 +33,12 @@ from isdnet.config import PRECISIONS, TrainConfig, checkpoint_path, has_checkpoi
 from isdnet.dataset import Case, load_dataset
 from isdnet.modelfile import load_model, save_model
 from isdnet.progress import Progress
-from isdnet.train import train
 
 from .accuracy import score
 from .accuracy_plan import parse_options, split_cases
 from .convergence_report import render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, command_line, require_finished, reusable_record, save_record
+from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record, train_run
 
 ARMS = ("current", "candidate", "reference")
 # The candidate new defaults: the accuracy benchmark's protocol that converged on hippocampus (docs/results.md).
@@ -149,10 +148,8 @@ def execute(name: str, config: TrainConfig, labeled: Sequence[Case], unlabeled: 
     kept = folder / f"{name}.kept"
     kept.mkdir(exist_ok=True)
     resumed = has_checkpoint(model)
-    with open(log, "a" if resumed else "w", encoding="utf-8") as stream:
-        result = train(labeled, unlabeled, labels, model, config, resume=resumed,
-                       progress=_KeepCheckpoints(stream, checkpoint_path(model), kept, every))
-    require_finished(result, name)
+    result = train_run(labeled, unlabeled, labels, model, config, log,
+                       progress=lambda stream: _KeepCheckpoints(stream, checkpoint_path(model), kept, every))
     last = kept / f"epoch{result.epochs_run:05d}.checkpoint.safetensors"
     if not last.is_file():
         shutil.copyfile(checkpoint_path(model), last)

@@ -8,12 +8,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from isdnet.config import TrainConfig
-from isdnet.errors import ISDNetError
+from isdnet.config import TrainConfig, has_checkpoint, training_files
+from isdnet.errors import InputError, ISDNetError
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, benchmark: str, work: str) -> None:
@@ -59,11 +59,34 @@ class RunStopped(ISDNetError):
     only its checkpoint, from which the next invocation resumes it."""
 
 
-def require_finished(result: Any, name: str) -> None:
-    """Raise RunStopped when ``result`` (a ``TrainResult``) is a run stopped before its budget, so that a partly
-    trained model is never scored and recorded as the run's result."""
+def train_run(labeled: Sequence[Any], unlabeled: Sequence[Any], labels: dict[int, str], model: Path,
+              config: TrainConfig, log: Path, progress: Optional[Callable[[Any], Any]] = None,
+              **options: Any) -> Any:
+    """Train one run of a benchmark to its budget and return its ``TrainResult``: resumed from its checkpoint when
+    a session cut it off, started over when that checkpoint cannot be resumed (written by an older version), and
+    RunStopped raised when it is stopped, so that a partly trained model is never scored as the run's result.
+    ``progress`` makes the run's progress reporter from its log stream (default: JSON lines)."""
+    from isdnet.progress import Progress
+    from isdnet.train import train
+
+    resumed = has_checkpoint(model)
+    make = progress or (lambda stream: Progress(json_lines=True, stream=stream))
+    try:
+        with open(log, "a" if resumed else "w", encoding="utf-8") as stream:
+            result = train(labeled, unlabeled, labels, model, config, progress=make(stream), resume=resumed,
+                           **options)
+    except InputError as error:
+        if not resumed:
+            raise
+        print(f"{model.stem}: its checkpoint cannot be resumed ({error.problem}); starting over",
+              file=sys.stderr, flush=True)
+        for path in training_files(model):
+            path.unlink(missing_ok=True)
+        return train_run(labeled, unlabeled, labels, model, config, log, progress, **options)
     if result.stopped:
-        raise RunStopped(f"{name} was stopped at epoch {result.epochs_run}; run the benchmark again to resume it")
+        raise RunStopped(f"{model.stem} was stopped at epoch {result.epochs_run}; run the benchmark again to "
+                         "resume it")
+    return result
 
 def same_settings(saved: Any, current: dict[str, Any]) -> bool:
     """True when a finished run was made with the current settings. An option added to TrainConfig after the run
