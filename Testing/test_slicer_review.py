@@ -14,7 +14,7 @@ import slicer_fixture as fx
 import vtk
 from test_outputs import tiny_model
 
-from isdnet.config import DEFAULT_UNCERTAINTY
+from isdnet.config import DEFAULT_UNCERTAINTY, UNCERTAINTY_TITLES
 from isdnet.rank import rank_images
 from isdnet.uncertainty import analyse
 from ISDNetLib.nodes import UNCERTAINTY, output_kind, training_volumes
@@ -82,7 +82,8 @@ def test_review_shows_the_models_uncertainty_over_the_volume(mrml, model):
     slices = logic.review(volume, model, view="Red", count=5)
     node = logic.status.uncertainty_node
     assert output_kind(node) == UNCERTAINTY and node not in training_volumes(scene)
-    assert node.GetAttribute("ISDNet.Uncertainty") == DEFAULT_UNCERTAINTY and "entropy" in logic.status.message
+    assert node.GetAttribute("ISDNet.Uncertainty") == DEFAULT_UNCERTAINTY
+    assert UNCERTAINTY_TITLES[DEFAULT_UNCERTAINTY] in logic.status.message
     expected = analyse(image_from_volume(volume), model, kinds=[DEFAULT_UNCERTAINTY]).maps[DEFAULT_UNCERTAINTY]
     np.testing.assert_allclose(slicer.util.arrayFromVolume(node), sitk.GetArrayViewFromImage(expected), atol=1e-6)
     assert slices == uncertain_slices(node, "Red", 5) and len(slices) == 5

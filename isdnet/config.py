@@ -236,7 +236,9 @@ RANK_STRATEGY_TITLES = {"confidence": "share of low-confidence pixels (D) in the
                         "entropy": "mean segmenter entropy (S) over the predicted foreground",
                         "flip": "mean left-right flip disagreement (S) over the predicted foreground",
                         "combined": "mean rank over the available signals", "random": "a seeded random order"}
-DEFAULT_UNCERTAINTY = "entropy"  # the map a front end shows for review unless told otherwise (provisional too)
+# The map a front end shows for review unless told otherwise: flip disagreement found S's errors best of the three
+# on every hippocampus model measured (docs/active.md, "Review").
+DEFAULT_UNCERTAINTY = "flip"
 # Slicer-side logics compute up to this many voxels in Slicer's process, larger volumes in an engine child.
 IN_PROCESS_MAX_VOXELS = 2**22
 LOW_CONFIDENCE = 0.5  # D's confidence below which a predicted foreground pixel counts as low-confidence
