@@ -196,4 +196,5 @@ def test_a_checkpoint_that_cannot_be_resumed_starts_the_run_over(tmp_path, capsy
                  "--fractions", "0.5", "--no-full", "--seeds", "0", "--steps", "6", "--warmup-epochs", "1",
                  "--base-channels", "4", "--slice-size", "32", "32", "--test-fraction", "0.25"]) == 0
     assert "its checkpoint cannot be resumed" in capsys.readouterr().err
-    assert json.loads((runs / "baseline_1of2_seed0.json").read_text(encoding="utf-8"))["steps"] >= 6
+    record = json.loads((runs / "baseline_1of2_seed0.json").read_text(encoding="utf-8"))
+    assert record["steps"] >= 6 and not record["resumed"]  # started over, not continued

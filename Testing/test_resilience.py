@@ -288,7 +288,7 @@ def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, t
 def test_a_stop_pressed_while_training_starts_is_honoured_and_an_old_one_is_not(tmp_path):
     """The stop file may appear before the trainer has imported torch (Stop right after Start): it is honoured.
     One older than the trainer's process was left by a killed run and is removed, so it cannot stop a new run."""
-    from isdnet.train import StopRequest
+    from isdnet.stopping import StopRequest
 
     fresh = tmp_path / "fresh.stop"
     fresh.touch()

@@ -60,11 +60,16 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", choices=UNCERTAINTIES, metavar="MAP",
                    help=f"also write this uncertainty map (one of {', '.join(UNCERTAINTIES)}; 0 certain .. 1) as "
                    f"<case>{UNCERTAINTY_SUFFIX}{VOLUME_ENDING} (docs/active.md)")
+    _add_inference_arguments(p)
+
+
+
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """How a command that runs a model runs it (segment, rank), and its progress output."""
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--progress-json", action="store_true")
-
 
 def _rank_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rank", help="rank unlabeled volumes: which to annotate next (docs/active.md)")
@@ -75,10 +80,7 @@ def _rank_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"what orders the volumes (default: {DEFAULT_RANK_STRATEGY}, provisional until measured)")
     p.add_argument("--seed", type=int, default=0, help="the order of --strategy random")
     p.add_argument("--json", type=Path, help="also write the ranking here")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--progress-json", action="store_true")
+    _add_inference_arguments(p)
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path, has_checkpoint
+from isdnet.config import LR_SCHEDULES, METHODS, TrainConfig, checkpoint_path
 from isdnet.dataset import Case, load_dataset, split_labeled
 from isdnet.geometry import SliceGeometry, prepare_volume
 from isdnet.images import read_image
@@ -121,8 +121,8 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
         list(train_cases), [])
     model, best = folder / f"{run.name}.safetensors", folder / f"{run.name}.best.safetensors"
     started = time.monotonic()
-    resumed = has_checkpoint(model)  # a run cut off by the end of a session continues from its checkpoint
-    result = train_run(labeled, unlabeled, labels, model, config, folder / f"{run.name}.log.jsonl", best_out=best)
+    result, resumed = train_run(labeled, unlabeled, labels, model, config, folder / f"{run.name}.log.jsonl",
+                                best_out=best)
     train_time = time.monotonic() - started
     started = time.monotonic()
     loaded = load_model(model)

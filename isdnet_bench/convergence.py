@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from isdnet.checkpoint import read_checkpoint
-from isdnet.config import PRECISIONS, TrainConfig, checkpoint_path, has_checkpoint
+from isdnet.config import PRECISIONS, TrainConfig, checkpoint_path
 from isdnet.dataset import Case, load_dataset
 from isdnet.modelfile import load_model, save_model
 from isdnet.progress import Progress
@@ -147,8 +147,7 @@ def execute(name: str, config: TrainConfig, labeled: Sequence[Case], unlabeled: 
     model, log = folder / f"{name}.safetensors", folder / f"{name}.log.jsonl"
     kept = folder / f"{name}.kept"
     kept.mkdir(exist_ok=True)
-    resumed = has_checkpoint(model)
-    result = train_run(labeled, unlabeled, labels, model, config, log,
+    result, resumed = train_run(labeled, unlabeled, labels, model, config, log,
                        progress=lambda stream: _KeepCheckpoints(stream, checkpoint_path(model), kept, every))
     last = kept / f"epoch{result.epochs_run:05d}.checkpoint.safetensors"
     if not last.is_file():

@@ -61,10 +61,11 @@ class RunStopped(ISDNetError):
 
 def train_run(labeled: Sequence[Any], unlabeled: Sequence[Any], labels: dict[int, str], model: Path,
               config: TrainConfig, log: Path, progress: Optional[Callable[[Any], Any]] = None,
-              **options: Any) -> Any:
-    """Train one run of a benchmark to its budget and return its ``TrainResult``: resumed from its checkpoint when
-    a session cut it off, started over when that checkpoint cannot be resumed (written by an older version), and
-    RunStopped raised when it is stopped, so that a partly trained model is never scored as the run's result.
+              **options: Any) -> tuple[Any, bool]:
+    """Train one run of a benchmark to its budget; returns its ``TrainResult`` and whether it continued a checkpoint.
+    It resumes from its checkpoint when a session cut it off, starts over when that checkpoint cannot be resumed
+    (written by an older version), and raises RunStopped when it is stopped, so that a partly trained model is
+    never scored as the run's result.
     ``progress`` makes the run's progress reporter from its log stream (default: JSON lines)."""
     from isdnet.progress import Progress
     from isdnet.train import train
@@ -86,7 +87,7 @@ def train_run(labeled: Sequence[Any], unlabeled: Sequence[Any], labels: dict[int
     if result.stopped:
         raise RunStopped(f"{model.stem} was stopped at epoch {result.epochs_run}; run the benchmark again to "
                          "resume it")
-    return result
+    return result, resumed
 
 def same_settings(saved: Any, current: dict[str, Any]) -> bool:
     """True when a finished run was made with the current settings. An option added to TrainConfig after the run
