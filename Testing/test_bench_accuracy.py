@@ -58,6 +58,24 @@ def test_a_named_variant_is_an_isdnet_row_of_its_own_with_its_options():
     assert pair["against"] == "baseline" and pair["differences"] == pytest.approx([2.0])
 
 
+def test_a_variant_of_both_methods_pairs_isdnet_against_the_baseline_with_the_same_change():
+    args = parse("--methods", "baseline", "isdnet", "--fractions", "0.015625", "--no-full", "--seeds", "0",
+                 "--variant", "ce:cross_entropy=1", "--variant-methods", "baseline", "isdnet")
+    runs = plan.plan_runs(args)
+    assert [r.name for r in runs] == ["baseline_1of64_seed0", "isdnet_1of64_seed0", "baseline-ce_1of64_seed0",
+                                      "isdnet-ce_1of64_seed0"]
+    assert [plan.train_config(args, r).cross_entropy for r in runs] == [0, 0, 1, 1]
+    records = [dict(key="1/64", method=r.method, label=r.label, variant=r.variant, seed=0, overrides={},
+                    metrics=dict(dice=d, dice_per_class={"1": d}, global_dice_mean=d, hd95={"1": 1.0}),
+                    train_time_s=1.0, steps=1, labeled_cases=2, history=[])
+               for r, d in zip(runs, (0.78, 0.76, 0.80, 0.83))]
+    pairs = {(p["method"], p["against"]): p["differences"] for p in report.paired(report.summarise(records))}
+    assert pairs[("isdnet [ce]", "baseline [ce]")] == pytest.approx([3.0])
+    assert pairs[("isdnet [ce]", "baseline")] == pytest.approx([5.0])
+    assert pairs[("isdnet", "baseline")] == pytest.approx([-2.0])
+    assert ("baseline [ce]", "baseline [ce]") not in pairs
+
+
 def test_finished_runs_are_reused_only_with_the_same_settings():
     current = {"config": TrainConfig(seed=1).as_json(), "train": ["a", "b"], "test": ["c"]}
     older = {**current, "config": {k: v for k, v in current["config"].items() if k != "discriminator"}}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_bench_accuracy import HIPPOCAMPUS
 
 from isdnet.config import RANK_STRATEGIES
-from isdnet_bench import active
+from isdnet_bench import active, active_report
 from isdnet_bench.active_report import summarise
 from isdnet_bench.cli import main
 
@@ -78,3 +79,19 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert [Path(r["model"]) for r in reviewed["models"]] == [model]
     assert reviewed["models"][0]["uncertainty"] == start["uncertainty"]  # the same test case, the same model
     assert not (tmp_path / "review" / "runs").exists() and "| start_seed0 |" in capsys.readouterr().out
+    assert (tmp_path / "review" / "results.png").stat().st_size > 0, "the review's picture: its worst slice"
+
+
+
+def test_the_review_picture_shows_the_slice_with_the_most_wrong_voxels(tmp_path):
+    truth = np.zeros((4, 6, 6), dtype=np.uint8)
+    predicted = truth.copy()
+    predicted[1, :2, :2] = 1  # 4 wrong voxels
+    predicted[2, :3, :3] = 2  # 9 wrong voxels: the worst slice
+    predicted[3, 0, 0] = 1
+    assert active_report.worst_slice(predicted != truth) == 2
+    assert active_report.worst_slice(np.zeros((3, 2, 2), dtype=bool)) == 0, "no error: the first slice"
+    path = tmp_path / "example.png"
+    active_report.render_review_example(np.random.default_rng(0).random((6, 6)), truth[2], predicted[2],
+                                        np.linspace(0, 1, 36).reshape(6, 6), "a title", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -58,8 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how many of the first seeds the other methods (adv, adv-classifier, hung) run")
     add_training_arguments(parser)
     parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:OPTION=VALUE,...", dest="variants",
-                        help="named isdnet variants, each a row of its own at every fraction and paired seed, e.g. "
-                             "unaugmented:pseudo_labels=unaugmented")
+                        help="named variants (of isdnet, or of --variant-methods), each a row of its own at every "
+                             "fraction and paired seed, e.g. unaugmented:pseudo_labels=unaugmented")
+    parser.add_argument("--variant-methods", nargs="+", choices=METHODS, default=["isdnet"],
+                        help="the methods each --variant runs (baseline isdnet: a change to both, such as a loss, "
+                             "paired as isdnet [NAME] against baseline [NAME])")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process with cores/jobs threads "
                              "(on a GPU: several runs share the device)")

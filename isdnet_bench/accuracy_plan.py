@@ -58,7 +58,8 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         methods = [m for m in args.methods if m in PAIRED_METHODS or index < args.ablation_seeds]
         for fraction in args.fractions:
             runs += [Run(method, fraction, seed) for method in methods]
-            runs += [Run("isdnet", fraction, seed, overrides, name) for name, overrides in variants(args).items()]
+            runs += [Run(method, fraction, seed, overrides, name) for name, overrides in variants(args).items()
+                     for method in args.variant_methods]
         if not args.no_full:
             runs.append(Run("baseline", 1.0, seed))
     if args.grid:

@@ -93,7 +93,10 @@ def paired(summary: dict[str, Any]) -> list[dict[str, Any]]:
     differences of test Dice (points) with their mean and 95% interval."""
     rows = []
     labels = {cell.split("|")[1] for cell in summary}
-    variant_comparisons = [(v, against) for v in sorted(labels - set(METHODS)) for against in ("baseline", "isdnet")]
+    # a variant against the plain methods, and a variant of isdnet against the same variant of the baseline
+    variant_comparisons = [(v, against) for v in sorted(labels - set(METHODS))
+                           for against in ("baseline", "isdnet", v.replace("isdnet [", "baseline [", 1))
+                           if against != v]
     for key in keys(summary):
         for method, against in (*COMPARISONS, *variant_comparisons):
             a, b = summary.get(f"{key}|{method}"), summary.get(f"{key}|{against}")

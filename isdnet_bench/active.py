@@ -30,7 +30,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from isdnet.config import RANK_STRATEGIES, UNCERTAINTIES, TrainConfig, checkpoint_path
+from isdnet.config import (
+    DEFAULT_UNCERTAINTY,
+    RANK_STRATEGIES,
+    UNCERTAINTIES,
+    UNCERTAINTY_TITLES,
+    TrainConfig,
+    checkpoint_path,
+)
 from isdnet.dataset import Case, load_dataset, split_labeled
 from isdnet.metrics import auroc, evaluate_cases
 from isdnet.modelfile import load_model
@@ -39,7 +46,7 @@ from isdnet.uncertainty import analyse
 
 from .accuracy import add_training_arguments, importance_weights, score
 from .accuracy_plan import Run, split_cases, train_config
-from .active_report import render_chart, render_markdown, render_review, summarise
+from .active_report import render_chart, render_markdown, render_review, render_review_example, summarise, worst_slice
 from .machine import code_commit, describe_machine
 from .records import add_output_arguments, apply_quick, same_settings, save_record, train_run
 
@@ -217,7 +224,22 @@ def review_models(args: argparse.Namespace, test_cases: Sequence[Case], labels: 
         metrics, found = review(model, test_cases, labels, config)
         rows.append(dict(model=str(model), dice=metrics["dice"], uncertainty=found))
     report = dict(meta=_meta(args, f"{len(test_cases)} test cases; trained models reviewed", started), models=rows)
-    _write(report, render_review(report), args)
+    path = _write(report, render_review(report), args)
+    review_example(args.review[0], test_cases[0], config, path.with_suffix(".png"))
+
+
+def review_example(model: Path, case: Case, config: TrainConfig, path: Path) -> None:
+    """The picture of a review: the case's slice with the most wrong voxels, with the default uncertainty map."""
+    result = analyse(case.image, load_model(model), kinds=[DEFAULT_UNCERTAINTY], device=config.device,
+                     precision=config.precision)
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(case.image)))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+    predicted = sitk.GetArrayFromImage(result.labels)
+    uncertainty = sitk.GetArrayFromImage(result.maps[DEFAULT_UNCERTAINTY])
+    index = worst_slice(predicted != truth)
+    title = (f"{case.name}, slice {index} of the first axis: {UNCERTAINTY_TITLES[DEFAULT_UNCERTAINTY]} from "
+             f"{Path(model).stem}")
+    render_review_example(image[index], truth[index], predicted[index], uncertainty[index], title, path)
 
 
 def _meta(args: argparse.Namespace, settings: str, started: float) -> dict[str, Any]:

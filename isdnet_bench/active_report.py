@@ -87,6 +87,42 @@ def render_review(report: dict[str, Any]) -> str:
         lines.append(f"| {Path(row['model']).stem} | {100 * row['dice']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+def worst_slice(wrong: np.ndarray) -> int:
+    """The index along the first axis of the slice with the most wrong voxels (the first such slice on ties)."""
+    return int(np.argmax(wrong.reshape(wrong.shape[0], -1).sum(axis=1)))
+
+
+def render_review_example(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray, uncertainty: np.ndarray,
+                          title: str, path: Path) -> None:
+    """One slice in four panels: the image, the segmentation with the truth's outline, the uncertainty overlay,
+    and the wrong voxels; what a reviewer sees in ISDNet Segment, with the errors it should lead them to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = predicted != truth
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.6))
+    shown = np.ma.masked_equal(predicted, 0)
+    panels = [("image", None), ("segmentation (truth outlined)", shown),
+              ("uncertainty", np.ma.masked_less(uncertainty, 0.05)), ("errors", np.ma.masked_equal(wrong, False))]
+    for ax, (name, overlay) in zip(axes, panels):
+        ax.imshow(image, cmap="gray", interpolation="nearest")
+        if name.startswith("segmentation"):
+            ax.imshow(overlay, cmap="tab10", vmin=0, vmax=9, alpha=0.5, interpolation="nearest")
+            ax.contour(truth > 0, levels=[0.5], colors="yellow", linewidths=1)
+        elif name == "uncertainty":
+            ax.imshow(overlay, cmap="inferno", vmin=0, vmax=1, alpha=0.8, interpolation="nearest")
+        elif overlay is not None:
+            ax.imshow(overlay, cmap="autumn", alpha=0.9, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def render_chart(report: dict[str, Any], path: Path) -> None:
     """Bars: each strategy's mean gain over random with its 95% interval."""
     import matplotlib
