@@ -82,7 +82,6 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert (tmp_path / "review" / "results.png").stat().st_size > 0, "the review's picture: its worst slice"
 
 
-
 def test_the_review_picture_shows_the_slice_with_the_most_wrong_voxels(tmp_path):
     truth = np.zeros((4, 6, 6), dtype=np.uint8)
     predicted = truth.copy()

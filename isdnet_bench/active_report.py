@@ -87,6 +87,7 @@ def render_review(report: dict[str, Any]) -> str:
         lines.append(f"| {Path(row['model']).stem} | {100 * row['dice']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
 def worst_slice(wrong: np.ndarray) -> int:
     """The index along the first axis of the slice with the most wrong voxels (the first such slice on ties)."""
     return int(np.argmax(wrong.reshape(wrong.shape[0], -1).sum(axis=1)))
