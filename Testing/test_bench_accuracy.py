@@ -65,7 +65,7 @@ def test_a_variant_of_both_methods_pairs_isdnet_against_the_baseline_with_the_sa
     assert [r.name for r in runs] == ["baseline_1of64_seed0", "isdnet_1of64_seed0", "baseline-ce_1of64_seed0",
                                       "isdnet-ce_1of64_seed0"]
     assert [plan.train_config(args, r).cross_entropy for r in runs] == [0, 0, 1, 1]
-    records = [dict(key="1/64", method=r.method, label=r.label, variant=r.variant, seed=0, overrides={},
+    records = [dict(key="1/64", method=r.method, label=r.label, variant=r.variant, seed=0, overrides=dict(r.overrides),
                     metrics=dict(dice=d, dice_per_class={"1": d}, global_dice_mean=d, hd95={"1": 1.0}),
                     train_time_s=1.0, steps=1, labeled_cases=2, history=[])
                for r, d in zip(runs, (0.78, 0.76, 0.80, 0.83))]
@@ -74,6 +74,33 @@ def test_a_variant_of_both_methods_pairs_isdnet_against_the_baseline_with_the_sa
     assert pairs[("isdnet [ce]", "baseline")] == pytest.approx([5.0])
     assert pairs[("isdnet", "baseline")] == pytest.approx([-2.0])
     assert ("baseline [ce]", "baseline [ce]") not in pairs
+
+
+def test_a_variant_of_both_methods_trains_no_baseline_that_another_run_already_trains():
+    args = parse("--methods", "baseline", "isdnet", "--fractions", "0.015625", "--no-full", "--seeds", "0",
+                 "--variant", "ce:cross_entropy=1", "ce-unaug:cross_entropy=1,pseudo_labels=unaugmented",
+                 "unaug:pseudo_labels=unaugmented", "--variant-methods", "baseline", "isdnet")
+    assert [r.label for r in plan.plan_runs(args)] == ["baseline", "isdnet", "baseline [ce]", "isdnet [ce]",
+                                                       "isdnet [ce-unaug]", "isdnet [unaug]"]
+
+
+def test_an_isdnet_variant_pairs_with_the_baseline_variant_that_makes_the_same_change_to_the_baseline():
+    def record(label, overrides, dice):
+        method, _, variant = label.partition(" [")
+        return dict(key="1/64", method=method, label=label, variant=variant.rstrip("]"), seed=0, overrides=overrides,
+                    metrics=dict(dice=dice, dice_per_class={"1": dice}, global_dice_mean=dice, hd95={"1": 1.0}),
+                    train_time_s=1.0, steps=1, labeled_cases=2, history=[])
+
+    records = [record("baseline", {}, 0.77), record("baseline [ce]", {"cross_entropy": 1}, 0.79),
+               record("baseline [lr]", {"learning_rate": 0.01}, 0.70),
+               record("isdnet [ce-unaug]", {"cross_entropy": 1, "pseudo_labels": "unaugmented"}, 0.815),
+               record("isdnet [unaug]", {"pseudo_labels": "unaugmented"}, 0.76)]
+    pairs = {(p["method"], p["against"]): p["differences"] for p in report.paired(report.summarise(records))}
+    # pseudo_labels is read by the unlabeled terms only, so isdnet [ce-unaug] changes a baseline as [ce] does
+    assert pairs[("isdnet [ce-unaug]", "baseline [ce]")] == pytest.approx([2.5])
+    assert pairs[("isdnet [ce-unaug]", "baseline")] == pytest.approx([4.5])
+    assert ("isdnet [ce-unaug]", "baseline [lr]") not in pairs and ("isdnet [unaug]", "baseline [ce]") not in pairs
+    assert ("baseline [ce]", "baseline [lr]") not in pairs
 
 
 def test_finished_runs_are_reused_only_with_the_same_settings():

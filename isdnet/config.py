@@ -24,6 +24,11 @@ LR_SCHEDULES = ("constant", "poly")
 MODEL_SELECTIONS = ("best", "final")
 PSEUDO_LABELS = ("prediction", "unaugmented")
 DISCRIMINATOR_STRIDES = (1, 2, 4, 8, 16, 32)
+# The options only D, D0 and the unlabeled terms read: a baseline run is the same whatever their values.
+SEMI_SUPERVISED_OPTIONS = ("lambda_adv", "lambda_semi", "t_semi", "semi_rampup_epochs", "pseudo_labels",
+                           "confidence_on_unlabeled", "discriminator", "discriminator_channels",
+                           "discriminator_stride", "discriminator_temperature", "discriminator_learning_rate",
+                           "discriminator_betas", "importance_channels")
 
 
 def option(default: Any, help: str, **argparse_options: Any) -> Any:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from isdnet.config import TrainConfig
+from isdnet.config import SEMI_SUPERVISED_OPTIONS, TrainConfig
 from isdnet.dataset import Case
 from isdnet.errors import InputError
 
@@ -58,14 +58,28 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         methods = [m for m in args.methods if m in PAIRED_METHODS or index < args.ablation_seeds]
         for fraction in args.fractions:
             runs += [Run(method, fraction, seed) for method in methods]
-            runs += [Run(method, fraction, seed, overrides, name) for name, overrides in variants(args).items()
-                     for method in args.variant_methods]
+            runs += variant_runs(args, fraction, seed)
         if not args.no_full:
             runs.append(Run("baseline", 1.0, seed))
     if args.grid:
         for name, values in GRID.items():
             runs += [Run("isdnet", args.fractions[0], args.seeds[0], ((name, v),))
                      for v in values if v != getattr(args, name)]
+    return runs
+
+
+def variant_runs(args: argparse.Namespace, fraction: float, seed: int) -> list[Run]:
+    """Each --variant of each --variant-methods, but no baseline run that another one already makes: a variant
+    whose other options are all in SEMI_SUPERVISED_OPTIONS changes a baseline as the plain or an earlier one does."""
+    runs, baseline_changes = [], [{}]
+    for name, overrides in variants(args).items():
+        for method in args.variant_methods:
+            if method == "baseline":
+                change = {k: v for k, v in overrides if k not in SEMI_SUPERVISED_OPTIONS}
+                if change in baseline_changes:
+                    continue
+                baseline_changes.append(change)
+            runs.append(Run(method, fraction, seed, overrides, name))
     return runs
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from isdnet.config import METHODS
+from isdnet.config import METHODS, SEMI_SUPERVISED_OPTIONS
 
 from .records import finish_chart
 
@@ -73,6 +73,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         best = [r["metrics_best"]["dice"] for r in runs if r.get("metrics_best")]
         summary[cell] = dict(
             seeds=[r["seed"] for r in runs],
+            overrides=dict(runs[0].get("overrides") or {}),
             dice=mean_sd([r["metrics"]["dice"] for r in runs]),
             dice_by_seed={str(r["seed"]): r["metrics"]["dice"] for r in runs},
             dice_best=mean_sd(best) if best else None,
@@ -88,17 +89,26 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def variant_comparisons(summary: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """Each variant of a fraction against the plain methods, and each variant of isdnet against the baseline
+    variants that make the same change to what a baseline reads (the options outside SEMI_SUPERVISED_OPTIONS)."""
+    cells = {cell.split("|")[1]: value for cell, value in summary.items() if cell.split("|")[0] == key}
+    comparisons = []
+    for variant in sorted(set(cells) - set(METHODS)):
+        comparisons += [(variant, against) for against in ("baseline", "isdnet")]
+        if variant.startswith("isdnet ["):
+            change = {k: v for k, v in cells[variant].get("overrides", {}).items() if k not in SEMI_SUPERVISED_OPTIONS}
+            comparisons += [(variant, twin) for twin in sorted(cells) if twin.startswith("baseline [")
+                            and cells[twin].get("overrides", {}) == change]
+    return comparisons
+
+
 def paired(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """For each fraction and comparison of ``COMPARISONS`` with runs of both methods: the seed-by-seed
     differences of test Dice (points) with their mean and 95% interval."""
     rows = []
-    labels = {cell.split("|")[1] for cell in summary}
-    # a variant against the plain methods, and a variant of isdnet against the same variant of the baseline
-    variant_comparisons = [(v, against) for v in sorted(labels - set(METHODS))
-                           for against in ("baseline", "isdnet", v.replace("isdnet [", "baseline [", 1))
-                           if against != v]
     for key in keys(summary):
-        for method, against in (*COMPARISONS, *variant_comparisons):
+        for method, against in (*COMPARISONS, *variant_comparisons(summary, key)):
             a, b = summary.get(f"{key}|{method}"), summary.get(f"{key}|{against}")
             if not a or not b:
                 continue

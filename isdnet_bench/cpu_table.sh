@@ -22,7 +22,14 @@ bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full --
 #     gradient left there. Cross-entropy keeps one (not in the paper: a named variant of baseline and isdnet alike).
 bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full \
     --variant ce:cross_entropy=1 --variant-methods baseline isdnet --report "$OUT/scarce-ce"
-# 2c. At 1/64 five warm-up epochs are only ~45 steps, so self-training starts from a network that segments little
+# 2c. With the D of the paper at chance, every unlabeled pixel passes T_semi and L_semi only repeats S's own argmax:
+#     no new signal. Pseudo-labels from S on the slice before augmentation, warped alike, ask S to agree with
+#     itself across augmentations (a consistency variant, not in the paper), paired against baseline [ce]
+#     (its baseline twin would be baseline [ce] again, so it is not trained).
+bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full \
+    --variant ce:cross_entropy=1 ce-unaugmented:cross_entropy=1,pseudo_labels=unaugmented \
+    --variant-methods baseline isdnet --report "$OUT/scarce-ce-unaugmented"
+# 2d. At 1/64 five warm-up epochs are only ~45 steps, so self-training starts from a network that segments little
 #     yet; Hung et al. warm up for a quarter of the run: 83 epochs, a quarter of the 300-333 (paired seeds).
 bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full \
     --variant warmup-quarter:warmup_epochs=83 --report "$OUT/scarce-warmup"
