@@ -10,6 +10,7 @@ import pytest
 
 from isdnet.config import TrainConfig
 from isdnet.dataset import Case
+from isdnet.errors import InputError
 from isdnet_bench import accuracy as bench_accuracy
 from isdnet_bench import accuracy_plan as plan
 from isdnet_bench import accuracy_report as report
@@ -243,3 +244,26 @@ def test_a_checkpoint_that_cannot_be_resumed_starts_the_run_over(tmp_path, capsy
     assert "its checkpoint cannot be resumed" in capsys.readouterr().err
     record = json.loads((runs / "baseline_1of2_seed0.json").read_text(encoding="utf-8"))
     assert record["steps"] >= 6 and not record["resumed"]  # started over, not continued
+
+
+def test_the_headline_of_a_doc_is_rewritten_from_the_report_and_the_prose_around_it_is_kept(tmp_path):
+    records = [dict(key="1/8", method=m, label=m, variant="", seed=seed, overrides={},
+                    metrics=dict(dice=d, dice_per_class={"1": d}, global_dice_mean=d, hd95={"1": 1.0}),
+                    train_time_s=1.0, steps=1, labeled_cases=1, history=[])
+               for m, seed, d in [("baseline", 0, 0.80), ("baseline", 1, 0.82), ("isdnet", 0, 0.83),
+                                  ("isdnet", 1, 0.84)]]
+    summary = report.summarise(records)
+    start, end = report.HEADLINE_MARKERS
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\n\nintro\n\n{start}\nold numbers\n{end}\n\nafter\n", encoding="utf-8")
+    report.write_headline(dict(summary=summary, paired=report.paired(summary)), doc)
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith(f"# Results\n\nintro\n\n{start}\n") and text.endswith(f"\n{end}\n\nafter\n")
+    assert "old numbers" not in text
+    assert "| baseline | 81.0 ± 1.4 (n=2) |" in text and "| isdnet | 83.5 ± 0.7 (n=2) |" in text
+    assert "| 1/8 | isdnet - baseline | [0, 1] | +3.0, +2.0 | +2.50 [" in text
+    broken = tmp_path / "no-markers.md"
+    broken.write_text("prose only\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no-markers.md"):
+        report.write_headline(dict(summary=summary, paired=report.paired(summary)), broken)
+    assert broken.read_text(encoding="utf-8") == "prose only\n"

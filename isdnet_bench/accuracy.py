@@ -40,7 +40,7 @@ from isdnet.networks import ImportanceNet, SUNet
 from isdnet.validation import split_validation
 
 from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, split_cases, train_config
-from .accuracy_report import paired, render_chart, render_markdown, summarise
+from .accuracy_report import paired, render_chart, render_markdown, summarise, write_headline
 from .machine import code_commit, describe_machine
 from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record, train_run
 
@@ -62,13 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fraction and paired seed, e.g. unaugmented:pseudo_labels=unaugmented")
     parser.add_argument("--variant-methods", nargs="+", choices=METHODS, default=["isdnet"],
                         help="the methods each --variant runs (baseline isdnet: a change to both, such as a loss, "
-                             "paired as isdnet [NAME] against baseline [NAME])")
+                             "paired as isdnet [NAME] against the baseline variant that makes the same change to a "
+                             "baseline; no baseline run is trained twice)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process with cores/jobs threads "
                              "(on a GPU: several runs share the device)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--grid", action="store_true",
                         help="also run the paper's Table 2 grid for isdnet (first fraction, first seed)")
+    parser.add_argument("--headline", type=Path, default=None, metavar="DOC",
+                        help="also rewrite the result that DOC quotes (the lines between its headline markers, "
+                             "e.g. docs/results.md) from this report")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the runs already finished in --out, training nothing")
     parser.add_argument("--quick", action="store_true",
@@ -309,4 +313,6 @@ def run(args: argparse.Namespace) -> None:
     report_path.with_suffix(".md").write_text(markdown, encoding="utf-8")
     report_path.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     render_chart(report, report_path.with_suffix(".png"))
+    if args.headline:
+        write_headline(report, args.headline)
     print(markdown)

@@ -4,7 +4,7 @@ diagnostics of D and D0, the issue's targets, as Markdown and a PNG chart."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -12,10 +12,13 @@ from typing import Any, Optional
 import numpy as np
 
 from isdnet.config import METHODS, SEMI_SUPERVISED_OPTIONS
+from isdnet.errors import InputError
 
 from .records import finish_chart
 
 FULL = "full"  # the fraction key of the full-label runs
+# The lines around the result a doc quotes, which --headline rewrites from the report.
+HEADLINE_MARKERS = ("<!-- headline: generated from the report -->", "<!-- end of headline -->")
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond, the normal's 1.96.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -188,37 +191,61 @@ def _semi_trace(values: Sequence[float]) -> str:
     return " / ".join(f"{v:.3f}" for v in picks)
 
 
+def method_table(summary: dict[str, Any], shown: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A table with a row per method and a column per fraction, each cell as ``shown`` writes it."""
+    cell_keys = keys(summary)
+    lines = ["| method | " + " | ".join(f"{k} labels" for k in cell_keys) + " |", "|---|" + "---|" * len(cell_keys)]
+    for method in rows_of(summary):
+        row = [shown(c) if (c := summary.get(f"{k}|{method}")) else "" for k in cell_keys]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines
+
+
+def final_table(summary: dict[str, Any]) -> list[str]:
+    """The result: test Dice of the final models per method and fraction, mean ± SD over seeds."""
+    return ["Test Dice of the final models, mean over the foreground classes (x100), mean ± SD over seeds "
+            "(n = seeds):", "", *method_table(summary, lambda c: f"{_pm(c['dice'])} (n={len(c['seeds'])})")]
+
+
+def paired_table(pairs: Sequence[dict[str, Any]]) -> list[str]:
+    """The paired differences, seed by seed, with their means and 95% intervals."""
+    lines = ["Paired differences of test Dice (points), seed by seed (the same seed: the same labeled cases "
+             "and initial weights), mean [95% t interval]:", "",
+             "| labels | comparison | seeds | differences | mean [95% interval] |", "|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['key']} | {p['method']} - {p['against']} | {p['seeds']} | "
+                     f"{', '.join(f'{d:+.1f}' for d in p['differences'])} | "
+                     f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] |")
+    return lines
+
+
+def write_headline(report: dict[str, Any], document: Path) -> None:
+    """Replace the block between HEADLINE_MARKERS in ``document`` (a doc that quotes the result) with the final
+    models' table, the paired differences and the targets, so the doc cannot drift from the records."""
+    start, end = HEADLINE_MARKERS
+    text = document.read_text(encoding="utf-8")
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise InputError(document, f"needs one '{start}' line followed by one '{end}' line")
+    block = [start, *final_table(report["summary"]), "", *paired_table(report["paired"]), "",
+             "The issue's targets, as the report checks them:", "", *targets(report["summary"], report["paired"]),
+             end]
+    before, rest = text.split(start)
+    document.write_text(before + "\n".join(block) + rest.split(end, 1)[1], encoding="utf-8")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The Markdown report: header, the table of final models, best-on-validation, paired differences, details,
     diagnostics and targets."""
     summary, meta = report["summary"], report["meta"]
-    cell_keys = keys(summary)
-    methods = rows_of(summary)
-    header = "| method | " + " | ".join(f"{k} labels" for k in cell_keys) + " |"
-    rule = "|---|" + "---|" * len(cell_keys)
+    cell_keys, methods = keys(summary), rows_of(summary)
     lines = [f"# ISDNet ablation (paper Table 3) on {meta['dataset']}", "",
              f"- commit `{meta['commit']}`, {meta['date']}", f"- machine: {meta['machine']}",
              f"- command: `{meta['command']}`", f"- {meta['settings']}",
              f"- wall time of this invocation: {meta['wall_time_s'] / 60:.1f} min ({meta['runs_done']} runs done "
-             f"now, {meta['runs_reused']} reused from earlier invocations)", "",
-             "Test Dice of the final models, mean over the foreground classes (x100), mean ± SD over seeds "
-             "(n = seeds):", "", header, rule]
-    for method in methods:
-        row = [f"{_pm(c['dice'])} (n={len(c['seeds'])})" if (c := summary.get(f"{k}|{method}")) else ""
-               for k in cell_keys]
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
+             f"now, {meta['runs_reused']} reused from earlier invocations)", "", *final_table(summary)]
     lines += ["", "The same runs' models of the epoch with the best validation Dice (a second look, not the "
-              "result):", "", header, rule]
-    for method in methods:
-        row = [_pm(c["dice_best"]) if (c := summary.get(f"{k}|{method}")) else "" for k in cell_keys]
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
-    lines += ["", "Paired differences of test Dice (points), seed by seed (the same seed: the same labeled cases "
-              "and initial weights), mean [95% t interval]:", "",
-              "| labels | comparison | seeds | differences | mean [95% interval] |", "|---|---|---|---|---|"]
-    for p in report["paired"]:
-        lines.append(f"| {p['key']} | {p['method']} - {p['against']} | {p['seeds']} | "
-                     f"{', '.join(f'{d:+.1f}' for d in p['differences'])} | "
-                     f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] |")
+              "result):", "", *method_table(summary, lambda c: _pm(c["dice_best"]))]
+    lines += ["", *paired_table(report["paired"])]
     lines += ["", "Details: labeled cases trained on (validation cases apart), Dice per class and global Dice (x100), "
               "HD95 (mm), training time (s), steps of S:", "",
               "| labels | method | labeled (+val) | Dice per class | global Dice | HD95 | train s | steps |",
