@@ -93,12 +93,13 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def variant_comparisons(summary: dict[str, Any], key: str) -> list[tuple[str, str]]:
-    """Each variant of a fraction against the plain methods, and each variant of isdnet against the baseline
-    variants that make the same change to what a baseline reads (the options outside SEMI_SUPERVISED_OPTIONS)."""
+    """Each variant of a fraction against the plain baseline and its own plain method, and each variant of isdnet
+    against the baseline variants that make the same change to what a baseline reads (the options outside
+    SEMI_SUPERVISED_OPTIONS)."""
     cells = {cell.split("|")[1]: value for cell, value in summary.items() if cell.split("|")[0] == key}
     comparisons = []
     for variant in sorted(set(cells) - set(METHODS)):
-        comparisons += [(variant, against) for against in ("baseline", "isdnet")]
+        comparisons += [(variant, against) for against in dict.fromkeys(("baseline", variant.split(" [")[0]))]
         if variant.startswith("isdnet ["):
             change = {k: v for k, v in cells[variant].get("overrides", {}).items() if k not in SEMI_SUPERVISED_OPTIONS}
             comparisons += [(variant, twin) for twin in sorted(cells) if twin.startswith("baseline [")
