@@ -267,3 +267,39 @@ def test_the_headline_of_a_doc_is_rewritten_from_the_report_and_the_prose_around
     with pytest.raises(InputError, match="no-markers.md"):
         report.write_headline(dict(summary=summary, paired=report.paired(summary)), broken)
     assert broken.read_text(encoding="utf-8") == "prose only\n"
+
+
+def test_a_worker_that_was_stopped_or_lost_its_benchmark_starts_no_queued_run(monkeypatch, tmp_path):
+    class Parent:
+        alive = True
+
+        def is_alive(self):
+            return self.alive
+
+    parent = Parent()
+    monkeypatch.setattr(bench_accuracy.multiprocessing, "parent_process", lambda: parent)  # as in a pool worker
+    started = []
+
+    def execute(planned, *args):
+        started.append(planned.name)
+        if planned.name.startswith("baseline"):
+            raise records.RunStopped(f"{planned.name} was stopped at epoch 3")
+        return dict(metrics=dict(dice=0.5), train_time_s=1.0, eval_time_s=1.0)
+
+    monkeypatch.setattr(bench_accuracy, "execute", execute)
+    monkeypatch.setattr(bench_accuracy, "_stopped_here", False)
+    first, queued = plan.Run("baseline", 0.125, 0), plan.Run("isdnet", 0.125, 0)
+    work = ([], [], {}, tmp_path, {}, tmp_path / "record.json", 1)
+    record = bench_accuracy._execute_and_save(queued, None, *work)
+    assert record["metrics"]["dice"] == 0.5 and started == ["isdnet_1of8_seed0"]
+    with pytest.raises(records.RunStopped, match="stopped at epoch 3"):
+        bench_accuracy._execute_and_save(first, None, *work)
+    with pytest.raises(records.RunStopped, match="isdnet_1of8_seed0 was not started"):
+        bench_accuracy._execute_and_save(queued, None, *work)
+    assert started == ["isdnet_1of8_seed0", "baseline_1of8_seed0"], "the queued run after the stop never started"
+
+    monkeypatch.setattr(bench_accuracy, "_stopped_here", False)
+    parent.alive = False
+    with pytest.raises(records.RunStopped, match="not started"):
+        bench_accuracy._execute_and_save(queued, None, *work)
+    assert len(started) == 2

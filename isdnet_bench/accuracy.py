@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -42,7 +43,15 @@ from isdnet.validation import split_validation
 from .accuracy_plan import DEFAULT_FRACTIONS, QUICK, Run, plan_runs, split_cases, train_config
 from .accuracy_report import paired, render_chart, render_markdown, summarise, write_headline
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record, train_run
+from .records import (
+    RunStopped,
+    add_output_arguments,
+    apply_quick,
+    command_line,
+    reusable_record,
+    save_record,
+    train_run,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -232,14 +241,33 @@ def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:
 # Command
 
 
+_stopped_here = False  # a run of this process was stopped (SIGTERM, Ctrl-C): it starts no other
+
+
+def _may_start(name: str) -> None:
+    """Raise RunStopped instead of starting ``name`` in a pool worker whose benchmark is ending: one that was
+    stopped already, or whose parent is gone. (A pool's workers hold queued runs, and without this a worker that a
+    stop reached, or whose benchmark was killed, would go on to train them.) In the benchmark's own process a stop
+    ends the benchmark anyway."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and (_stopped_here or not parent.is_alive()):
+        raise RunStopped(f"{name} was not started: the benchmark is stopping; run it again to resume")
+
+
 def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
                       labels: dict[int, str], folder: Path, settings: dict[str, Any], record_path: Path,
                       threads: int) -> dict[str, Any]:
     """One run in this process with ``threads`` torch threads; its record is written to ``record_path`` (a
     temporary renamed into place, so a killed run leaves no half record) and returned."""
+    global _stopped_here
+    _may_start(planned.name)
     torch.set_num_threads(threads)
     print(f"{planned.name} ...", file=sys.stderr, flush=True)
-    record = execute(planned, config, train_cases, test_cases, labels, folder)
+    try:
+        record = execute(planned, config, train_cases, test_cases, labels, folder)
+    except RunStopped:
+        _stopped_here = True
+        raise
     record["settings"] = settings
     save_record(record, record_path)
     print(f"{planned.name}: test Dice {record['metrics']['dice']:.4f}, train {record['train_time_s']:.0f} s, "
@@ -289,7 +317,6 @@ def run(args: argparse.Namespace) -> None:
                 done += 1
         else:
             import concurrent.futures
-            import multiprocessing
 
             context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:

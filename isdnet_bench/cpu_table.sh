@@ -3,7 +3,9 @@
 #   isdnet_bench/cpu_table.sh            (from the repository root; DATASET=... for another copy of the data)
 # Each finished run leaves its small JSON record in docs/bench_accuracy_hippocampus_runs/ (commit them, never the
 # models); a run cut off mid-training resumes from its checkpoint in $OUT (bench-output/accuracy-cpu/) when that folder
-# is still there, and starts over when it is not. Each step prints its table and writes its report.
+# is still there, and starts over when it is not. Each step prints its table and writes its report. To stop it, send
+# SIGTERM to its whole process group (started with setsid: kill -TERM -- -PID): each run checkpoints where it is,
+# and no worker starts another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-../shared/data/hippocampus}
