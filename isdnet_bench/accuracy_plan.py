@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from isdnet.config import SEMI_SUPERVISED_OPTIONS, TrainConfig
+from isdnet.config import TrainConfig
 from isdnet.dataset import Case
 from isdnet.errors import InputError
 
-from .accuracy_report import fraction_key
+from .accuracy_report import baseline_change, fraction_key
 
 DEFAULT_FRACTIONS = (0.5, 0.125, 0.0625)
 # Table 2 of the paper: each hyperparameter varied alone around the defaults, for isdnet.
@@ -75,7 +75,7 @@ def variant_runs(args: argparse.Namespace, fraction: float, seed: int) -> list[R
     for name, overrides in variants(args).items():
         for method in args.variant_methods:
             if method == "baseline":
-                change = {k: v for k, v in overrides if k not in SEMI_SUPERVISED_OPTIONS}
+                change = baseline_change(overrides)
                 if change in baseline_changes:
                     continue
                 baseline_changes.append(change)

@@ -4,7 +4,7 @@ diagnostics of D and D0, the issue's targets, as Markdown and a PNG chart."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -92,6 +92,11 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def baseline_change(overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """What a variant's options change in a baseline run: those outside SEMI_SUPERVISED_OPTIONS."""
+    return {k: v for k, v in overrides if k not in SEMI_SUPERVISED_OPTIONS}
+
+
 def variant_comparisons(summary: dict[str, Any], key: str) -> list[tuple[str, str]]:
     """Each variant of a fraction against the plain baseline and its own plain method, and each variant of isdnet
     against the baseline variants that make the same change to what a baseline reads (the options outside
@@ -101,7 +106,7 @@ def variant_comparisons(summary: dict[str, Any], key: str) -> list[tuple[str, st
     for variant in sorted(set(cells) - set(METHODS)):
         comparisons += [(variant, against) for against in dict.fromkeys(("baseline", variant.split(" [")[0]))]
         if variant.startswith("isdnet ["):
-            change = {k: v for k, v in cells[variant].get("overrides", {}).items() if k not in SEMI_SUPERVISED_OPTIONS}
+            change = baseline_change(cells[variant].get("overrides", {}).items())
             comparisons += [(variant, twin) for twin in sorted(cells) if twin.startswith("baseline [")
                             and cells[twin].get("overrides", {}) == change]
     return comparisons
