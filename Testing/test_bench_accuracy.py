@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,8 @@ def test_the_headline_of_a_doc_is_rewritten_from_the_report_and_the_prose_around
 
 
 def test_a_worker_that_was_stopped_or_lost_its_benchmark_starts_no_queued_run(monkeypatch, tmp_path):
+    import threading
+
     class Parent:
         alive = True
 
@@ -287,19 +290,71 @@ def test_a_worker_that_was_stopped_or_lost_its_benchmark_starts_no_queued_run(mo
         return dict(metrics=dict(dice=0.5), train_time_s=1.0, eval_time_s=1.0)
 
     monkeypatch.setattr(bench_accuracy, "execute", execute)
-    monkeypatch.setattr(bench_accuracy, "_stopped_here", False)
+    stopping = threading.Event()  # the pool's event; the same interface
+    bench_accuracy._join_pool(stopping)
+    monkeypatch.setattr(bench_accuracy, "_stopping", stopping)
     first, queued = plan.Run("baseline", 0.125, 0), plan.Run("isdnet", 0.125, 0)
     work = ([], [], {}, tmp_path, {}, tmp_path / "record.json", 1)
-    record = bench_accuracy._execute_and_save(queued, None, *work)
-    assert record["metrics"]["dice"] == 0.5 and started == ["isdnet_1of8_seed0"]
+    path = bench_accuracy._execute_and_save(queued, None, *work)
+    assert json.loads(path.read_text(encoding="utf-8"))["metrics"]["dice"] == 0.5
+    assert started == ["isdnet_1of8_seed0"]
     with pytest.raises(records.RunStopped, match="stopped at epoch 3"):
         bench_accuracy._execute_and_save(first, None, *work)
+    assert stopping.is_set(), "a stopped run tells the other workers"
     with pytest.raises(records.RunStopped, match="isdnet_1of8_seed0 was not started"):
         bench_accuracy._execute_and_save(queued, None, *work)
     assert started == ["isdnet_1of8_seed0", "baseline_1of8_seed0"], "the queued run after the stop never started"
 
-    monkeypatch.setattr(bench_accuracy, "_stopped_here", False)
+    stopping.clear()
     parent.alive = False
     with pytest.raises(records.RunStopped, match="not started"):
         bench_accuracy._execute_and_save(queued, None, *work)
     assert len(started) == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM to them are POSIX; on Windows "
+                    "the pool's workers end with the console's Ctrl-C")
+def test_sigterm_to_the_benchmarks_process_group_leaves_no_process_and_every_started_run_resumable(tmp_path):
+    """What cpu_table.sh's header tells a user to do: two runs at once, a third queued, SIGTERM to the group. The
+    started runs checkpoint, the queued one never starts, and no worker stays behind waiting on its queue."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from isdnet.config import checkpoint_path
+    from isdnet.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", 8, shape=(12, 48, 48))
+    runs = tmp_path / "out" / "runs"
+    err = tmp_path / "stderr.txt"
+    root = Path(__file__).resolve().parents[1]
+    with err.open("wb") as stderr:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "isdnet_bench", "accuracy", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+             "--methods", "baseline", "--fractions", "0.5", "--no-full", "--seeds", "0", "1", "2",
+             "--steps", "100000", "--warmup-epochs", "1", "--base-channels", "4", "--slice-size", "32", "32",
+             "--test-fraction", "0.25", "--jobs", "2", "--threads", "1"],
+            cwd=root, stderr=stderr, stdout=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(root)})
+    started = [runs / f"baseline_1of2_seed{seed}.log.jsonl" for seed in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all(p.is_file() and '"iteration"' in p.read_text(encoding="utf-8") for p in started):
+        assert bench.poll() is None and time.monotonic() < deadline, err.read_text(encoding="utf-8")
+        time.sleep(0.5)
+    family = [psutil.Process(bench.pid), *psutil.Process(bench.pid).children(recursive=True)]
+    assert len(family) >= 3, "the benchmark and its two workers"
+    os.killpg(bench.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=120)
+    left = [process.pid for process in alive]
+    for process in alive:
+        process.kill()
+    assert not left, f"processes {left} still ran 2 min after SIGTERM; {err.read_text(encoding='utf-8')}"
+    for log in started:
+        events = [json.loads(line)["event"] for line in log.read_text(encoding="utf-8").splitlines()]
+        assert events[-1] == "stopped"
+        assert checkpoint_path(runs / log.name.replace(".log.jsonl", ".safetensors")).is_file()
+    assert not (runs / "baseline_1of2_seed2.log.jsonl").exists(), "the queued run never started"
+    assert not list(runs.glob("*.json")), "no stopped run left a record"

@@ -241,38 +241,67 @@ def settings_line(args: argparse.Namespace, n_train: int, n_test: int) -> str:
 # Command
 
 
-_stopped_here = False  # a run of this process was stopped (SIGTERM, Ctrl-C): it starts no other
+_stopping: Optional[Any] = None  # in a pool worker: the benchmark's "stopping" event (a multiprocessing Event)
+
+
+def _join_pool(stopping: Any) -> None:
+    """Pool initializer: keep the benchmark's stopping event, which any stopped run, or the benchmark, sets."""
+    global _stopping
+    _stopping = stopping
 
 
 def _may_start(name: str) -> None:
-    """Raise RunStopped instead of starting ``name`` in a pool worker whose benchmark is ending: one that was
-    stopped already, or whose parent is gone. (A pool's workers hold queued runs, and without this a worker that a
-    stop reached, or whose benchmark was killed, would go on to train them.) In the benchmark's own process a stop
-    ends the benchmark anyway."""
+    """Raise RunStopped instead of starting ``name`` in a pool worker whose benchmark is ending: a run was stopped
+    (SIGTERM, Ctrl-C, a stop file) or the benchmark's process is gone. (A pool's workers hold queued runs, and
+    without this they would go on to train them.) In the benchmark's own process a stop ends the benchmark anyway."""
     parent = multiprocessing.parent_process()
-    if parent is not None and (_stopped_here or not parent.is_alive()):
+    if parent is not None and ((_stopping is not None and _stopping.is_set()) or not parent.is_alive()):
         raise RunStopped(f"{name} was not started: the benchmark is stopping; run it again to resume")
 
 
 def _execute_and_save(planned: Run, config: TrainConfig, train_cases: Sequence[Case], test_cases: Sequence[Case],
                       labels: dict[int, str], folder: Path, settings: dict[str, Any], record_path: Path,
-                      threads: int) -> dict[str, Any]:
+                      threads: int) -> Path:
     """One run in this process with ``threads`` torch threads; its record is written to ``record_path`` (a
-    temporary renamed into place, so a killed run leaves no half record) and returned."""
-    global _stopped_here
+    temporary renamed into place, so a killed run leaves no half record), whose path is returned: a pool worker
+    sends back only that, since a large result could block forever on a pipe whose benchmark has gone."""
     _may_start(planned.name)
     torch.set_num_threads(threads)
     print(f"{planned.name} ...", file=sys.stderr, flush=True)
     try:
         record = execute(planned, config, train_cases, test_cases, labels, folder)
     except RunStopped:
-        _stopped_here = True
+        if _stopping is not None:
+            _stopping.set()
         raise
     record["settings"] = settings
     save_record(record, record_path)
     print(f"{planned.name}: test Dice {record['metrics']['dice']:.4f}, train {record['train_time_s']:.0f} s, "
           f"eval {record['eval_time_s']:.0f} s", file=sys.stderr, flush=True)
-    return record
+    return record_path
+
+
+def _execute_all(work: Sequence[tuple[Any, ...]], jobs: int) -> Iterator[Path]:
+    """Each run of ``work`` (``_execute_and_save``'s arguments), ``jobs`` at a time; yields their record paths as
+    they finish. Each pool worker is a fresh interpreter for one run and then exits, so a benchmark that was
+    killed (SIGTERM to its process group) leaves no worker behind, waiting forever on its queue."""
+    if jobs == 1:
+        yield from (_execute_and_save(*w) for w in work)
+        return
+    import concurrent.futures
+
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    stopping = context.Event()
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1,
+                                                initializer=_join_pool, initargs=(stopping,)) as pool:
+        futures = [pool.submit(_execute_and_save, *w) for w in work]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+        except BaseException:
+            stopping.set()  # the queued runs start in no worker
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def run(args: argparse.Namespace) -> None:
@@ -310,19 +339,9 @@ def run(args: argparse.Namespace) -> None:
         threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
         work = [(p, c, train_cases, test_cases, spec.labels, folder, s, r, threads) for p, c, s, r in pending]
         print(f"{len(pending)} runs to train ({reused} reused), {jobs} at a time", file=sys.stderr, flush=True)
-        if jobs == 1:
-            finished: Iterator[dict[str, Any]] = (_execute_and_save(*w) for w in work)
-            for record in finished:
-                records.append(record)
-                done += 1
-        else:
-            import concurrent.futures
-
-            context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-                for future in concurrent.futures.as_completed([pool.submit(_execute_and_save, *w) for w in work]):
-                    records.append(future.result())
-                    done += 1
+        for path in _execute_all(work, jobs):
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+            done += 1
     summary = summarise(records)
     report = dict(
         meta=dict(dataset=args.dataset.name, commit=code_commit(), machine=describe_machine(),
