@@ -339,7 +339,8 @@ def test_sigterm_to_the_benchmarks_process_group_leaves_no_process_and_every_sta
              "--test-fraction", "0.25", "--jobs", "2", "--threads", "1"],
             cwd=root, stderr=stderr, stdout=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(root)})
-    started = [runs / f"baseline_1of2_seed{seed}.log.jsonl" for seed in (0, 1)]
+    models = [runs / f"baseline_1of2_seed{seed}.safetensors" for seed in (0, 1, 2)]
+    started = [records.run_log_path(model) for model in models[:2]]
     deadline = time.monotonic() + 240
     while not all(p.is_file() and '"iteration"' in p.read_text(encoding="utf-8") for p in started):
         assert bench.poll() is None and time.monotonic() < deadline, err.read_text(encoding="utf-8")
@@ -352,9 +353,8 @@ def test_sigterm_to_the_benchmarks_process_group_leaves_no_process_and_every_sta
     for process in alive:
         process.kill()
     assert not left, f"processes {left} still ran 2 min after SIGTERM; {err.read_text(encoding='utf-8')}"
-    for log in started:
+    for model, log in zip(models, started):
         events = [json.loads(line)["event"] for line in log.read_text(encoding="utf-8").splitlines()]
-        assert events[-1] == "stopped"
-        assert checkpoint_path(runs / log.name.replace(".log.jsonl", ".safetensors")).is_file()
-    assert not (runs / "baseline_1of2_seed2.log.jsonl").exists(), "the queued run never started"
+        assert events[-1] == "stopped" and checkpoint_path(model).is_file()
+    assert not records.run_log_path(models[2]).exists(), "the queued run never started"
     assert not list(runs.glob("*.json")), "no stopped run left a record"

@@ -137,8 +137,7 @@ def execute(run: Run, config: TrainConfig, train_cases: Sequence[Case], test_cas
         list(train_cases), [])
     model, best = folder / f"{run.name}.safetensors", folder / f"{run.name}.best.safetensors"
     started = time.monotonic()
-    result, resumed = train_run(labeled, unlabeled, labels, model, config, folder / f"{run.name}.log.jsonl",
-                                best_out=best)
+    result, resumed = train_run(labeled, unlabeled, labels, model, config, best_out=best)
     train_time = time.monotonic() - started
     started = time.monotonic()
     loaded = load_model(model)

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(config: TrainConfig, labeled: Sequence[Case], unlabeled: Sequence[Case], labels: dict[int, str],
            model: Path) -> Any:
-    return train_run(labeled, unlabeled, labels, model, config, model.with_suffix(".log.jsonl"))[0]
+    return train_run(labeled, unlabeled, labels, model, config)[0]
 
 
 def review(model: Path, test_cases: Sequence[Case], labels: dict[int, str], config: TrainConfig

@@ -38,7 +38,15 @@ from .accuracy import score
 from .accuracy_plan import parse_options, split_cases
 from .convergence_report import render_chart, render_markdown, summarise
 from .machine import code_commit, describe_machine
-from .records import add_output_arguments, apply_quick, command_line, reusable_record, save_record, train_run
+from .records import (
+    add_output_arguments,
+    apply_quick,
+    command_line,
+    reusable_record,
+    run_log_path,
+    save_record,
+    train_run,
+)
 
 ARMS = ("current", "candidate", "reference")
 # The candidate new defaults: the accuracy benchmark's protocol that converged on hippocampus (docs/results.md).
@@ -144,11 +152,12 @@ def execute(name: str, config: TrainConfig, labeled: Sequence[Case], unlabeled: 
             test: Sequence[Case], labels: dict[int, str], folder: Path, every: int) -> dict[str, Any]:
     """Train one arm (resuming from its checkpoint when a session cut it off), then score the checkpoints kept
     along the way and the model it wrote on the test cases; returns the run's record."""
-    model, log = folder / f"{name}.safetensors", folder / f"{name}.log.jsonl"
+    model = folder / f"{name}.safetensors"
+    log = run_log_path(model)
     kept = folder / f"{name}.kept"
     kept.mkdir(exist_ok=True)
-    result, resumed = train_run(labeled, unlabeled, labels, model, config, log,
-                       progress=lambda stream: _KeepCheckpoints(stream, checkpoint_path(model), kept, every))
+    result, resumed = train_run(labeled, unlabeled, labels, model, config,
+                                progress=lambda stream: _KeepCheckpoints(stream, checkpoint_path(model), kept, every))
     last = kept / f"epoch{result.epochs_run:05d}.checkpoint.safetensors"
     if not last.is_file():
         shutil.copyfile(checkpoint_path(model), last)

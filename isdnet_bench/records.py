@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from isdnet.config import TrainConfig, has_checkpoint, training_files
+from isdnet.config import TrainConfig, has_checkpoint, model_stem, training_files
 from isdnet.errors import InputError, ISDNetError
+
+RUN_LOG_SUFFIX = ".log.jsonl"  # a benchmark run's progress log, beside its model
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, benchmark: str, work: str) -> None:
@@ -59,21 +61,27 @@ class RunStopped(ISDNetError):
     only its checkpoint, from which the next invocation resumes it."""
 
 
+def run_log_path(model: Path) -> Path:
+    """Where a benchmark run's progress log, in JSON lines, lies: beside its model, as ``name.log.jsonl``."""
+    return Path(model).with_name(model_stem(model) + RUN_LOG_SUFFIX)
+
+
 def train_run(labeled: Sequence[Any], unlabeled: Sequence[Any], labels: dict[int, str], model: Path,
-              config: TrainConfig, log: Path, progress: Optional[Callable[[Any], Any]] = None,
+              config: TrainConfig, progress: Optional[Callable[[Any], Any]] = None,
               **options: Any) -> tuple[Any, bool]:
     """Train one run of a benchmark to its budget; returns its ``TrainResult`` and whether it continued a checkpoint.
     It resumes from its checkpoint when a session cut it off, starts over when that checkpoint cannot be resumed
     (written by an older version), and raises RunStopped when it is stopped, so that a partly trained model is
     never scored as the run's result.
-    ``progress`` makes the run's progress reporter from its log stream (default: JSON lines)."""
+    ``progress`` makes the run's progress reporter from its log stream, ``run_log_path(model)`` (default: JSON
+    lines)."""
     from isdnet.progress import Progress
     from isdnet.train import train
 
     resumed = has_checkpoint(model)
     make = progress or (lambda stream: Progress(json_lines=True, stream=stream))
     try:
-        with open(log, "a" if resumed else "w", encoding="utf-8") as stream:
+        with open(run_log_path(model), "a" if resumed else "w", encoding="utf-8") as stream:
             result = train(labeled, unlabeled, labels, model, config, progress=make(stream), resume=resumed,
                            **options)
     except InputError as error:
@@ -83,7 +91,7 @@ def train_run(labeled: Sequence[Any], unlabeled: Sequence[Any], labels: dict[int
               file=sys.stderr, flush=True)
         for path in training_files(model):
             path.unlink(missing_ok=True)
-        return train_run(labeled, unlabeled, labels, model, config, log, progress, **options)
+        return train_run(labeled, unlabeled, labels, model, config, progress, **options)
     if result.stopped:
         raise RunStopped(f"{model.stem} was stopped at epoch {result.epochs_run}; run the benchmark again to "
                          "resume it")
