@@ -75,9 +75,10 @@ def test_discriminator_betas_apply_to_d_and_d0():
     assert betas == {"S": (0.9, 0.999), "D": (0.9, 0.99), "D0": (0.9, 0.99)}
 
 
-def test_cross_entropy_is_added_to_the_labeled_loss_only_when_asked():
+def test_cross_entropy_is_added_to_the_labeled_loss_unless_set_to_zero_for_the_papers_loss():
     x, y = batch()
-    assert "ce" not in make_trainer("baseline").train_step(x, y)
+    assert "ce" not in make_trainer("baseline", cross_entropy=0.0).train_step(x, y)
+    assert "ce" in make_trainer("baseline").train_step(x, y), "on by default"
     trainer = make_trainer("baseline", cross_entropy=0.5)
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(trainer.segmenter(x), y).item()
@@ -202,14 +203,14 @@ def test_hung_uses_unit_weights_and_baseline_has_no_discriminator():
     assert hung.importance is None
     baseline = make_trainer("baseline")
     assert list(baseline.networks()) == ["S"]
-    assert set(baseline.train_step(x, y, xu)) == {"dice"}
+    assert set(baseline.train_step(x, y, xu)) == {"dice", "ce"}
 
 
 def test_adv_classifier_uses_an_image_level_discriminator():
     trainer = make_trainer("adv-classifier")
     assert isinstance(trainer.discriminator, ImageClassifierDiscriminator)
     x, y = batch()
-    assert {"dice", "adv", "d"} == set(trainer.train_step(x, y))
+    assert {"dice", "ce", "adv", "d"} == set(trainer.train_step(x, y))
 
 
 def test_training_steps_reduce_the_dice_loss_on_a_fixed_batch():

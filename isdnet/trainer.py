@@ -2,7 +2,8 @@
 
 The method option selects the rows of the paper's Tables 1 and 3:
 
-- ``baseline``: SU-Net on labeled data, L_Dice only.
+- ``baseline``: SU-Net on labeled data, L_Dice only (plus the cross-entropy term every method adds by default,
+  ``cross_entropy``; 0 gives the paper's loss).
 - ``adv``: + the FCN confidence network's adversarial loss, labeled data only.
 - ``adv-classifier``: + an image-level discriminator instead (Luc et al.), labeled data only.
 - ``hung``: adversarial + confidence-masked self-training on unlabeled data, no importance weights (Hung et al.).

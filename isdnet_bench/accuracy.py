@@ -115,8 +115,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda-adv", type=float, default=TrainConfig.lambda_adv)
     parser.add_argument("--lambda-semi", type=float, default=TrainConfig.lambda_semi)
     parser.add_argument("--t-semi", type=float, default=TrainConfig.t_semi)
+    parser.add_argument("--cross-entropy", type=float, default=0.0,
+                        help="weight of the cross-entropy term (default 0: the paper's loss, Dice alone, for the "
+                             f"table's plain rows; the training default is {TrainConfig.cross_entropy})")
     parser.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE", dest="set_options",
-                        help="any other training option for every run, e.g. cross_entropy=1 (values in JSON)")
+                        help="any other training option for every run, e.g. class_weights=[1,2,3] (values in JSON)")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--precision", default="fp32",
                         help="float32, as the published table; bf16 trains faster but less accurately (docs/speed.md)")

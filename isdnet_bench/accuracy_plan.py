@@ -138,7 +138,7 @@ def train_config(args: argparse.Namespace, run: Run) -> TrainConfig:
         method=run.method, total_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         discriminator_learning_rate=args.discriminator_learning_rate, lr_schedule=args.lr_schedule,
         discriminator_channels=args.discriminator_channels, discriminator_stride=args.discriminator_stride,
-        lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi,
+        lambda_adv=args.lambda_adv, lambda_semi=args.lambda_semi, t_semi=args.t_semi, cross_entropy=args.cross_entropy,
         warmup_epochs=args.warmup_epochs, base_channels=args.base_channels,
         slice_size=list(args.slice_size) if args.slice_size else None,
         validation_fraction=args.validation_fraction, model_selection="final", seed=run.seed, device=args.device,
