@@ -55,8 +55,8 @@ class TrainConfig:
     lr_schedule: str = option("constant", "poly decays every rate by (1 - step/steps)**0.9 (Hung et al.)",
                               choices=LR_SCHEDULES)
     cross_entropy: float = option(1.0, "weight of a cross-entropy term added to L_Dice on labeled slices (not "
-                                  "in the paper, whose loss is 0: Dice alone; it keeps S from collapsing to "
-                                  "background, docs/results.md)", type=float)
+                                  "in the paper: 0 gives its loss, Dice alone; the term keeps S from collapsing "
+                                  "to background, docs/results.md)", type=float)
     model_selection: str = option("best", "keep the epoch with the best validation Dice, or the final one",
                                   choices=MODEL_SELECTIONS)
     patience: Optional[int] = option(None, "stop when the validation Dice has not improved for this many epochs "

@@ -2,8 +2,8 @@
 
 The method option selects the rows of the paper's Tables 1 and 3:
 
-- ``baseline``: SU-Net on labeled data, L_Dice only (plus the cross-entropy term every method adds by default,
-  ``cross_entropy``; 0 gives the paper's loss).
+- ``baseline``: SU-Net on labeled data, trained with L_Dice; by default every method adds a cross-entropy term
+  to it (``cross_entropy``; 0 gives the paper's loss).
 - ``adv``: + the FCN confidence network's adversarial loss, labeled data only.
 - ``adv-classifier``: + an image-level discriminator instead (Luc et al.), labeled data only.
 - ``hung``: adversarial + confidence-masked self-training on unlabeled data, no importance weights (Hung et al.).

@@ -37,10 +37,11 @@ bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full --
 bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.0625 --no-full \
     --variant ce:cross_entropy=1 --variant-methods baseline isdnet --report "$OUT/ce-1of16"
 # 2e. A screen at 1/64 (7.6 points of room), 2 paired seeds each, with cross-entropy (which stopped the collapse;
-#     the baseline twin of each is baseline [ce]), of the schedule choices the paper leaves open; a variant that
-#     gains clearly gets its 5 seeds. At 1/64 five warm-up epochs are only ~45 steps, so self-training starts from
-#     a network that segments little yet: Hung et al. warm up for a quarter of the run (83 epochs of the 300-333),
-#     or ramp lambda_semi up over it. T_semi 0.5 makes D's map (confidence 0.45 on right test voxels against 0.35
+#     the baseline twin of the ramp and T_semi rows is baseline [ce]; the warm-up row trains its own, since
+#     warm-up also sets when patience may stop a baseline), of the schedule choices the paper leaves open; a
+#     variant that gains clearly gets its 5 seeds. At 1/64 five warm-up epochs are only ~45 steps, so
+#     self-training starts from a network that segments little yet: Hung et al. warm up for a quarter of the run
+#     (83 epochs of the 300-333), or ramp lambda_semi up over it. T_semi 0.5 makes D's map (confidence 0.45 on right test voxels against 0.35
 #     on wrong ones) select pixels; at 0.1 all pass.
 bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full --seeds 0 1 \
     --variant ce:cross_entropy=1 ce-warmup-quarter:cross_entropy=1,warmup_epochs=83 \
