@@ -41,8 +41,8 @@ bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.0625 --no-full \
 #     warm-up also sets when patience may stop a baseline), of the schedule choices the paper leaves open; a
 #     variant that gains clearly gets its 5 seeds. At 1/64 five warm-up epochs are only ~45 steps, so
 #     self-training starts from a network that segments little yet: Hung et al. warm up for a quarter of the run
-#     (83 epochs of the 300-333), or ramp lambda_semi up over it. T_semi 0.5 makes D's map (confidence 0.45 on right test voxels against 0.35
-#     on wrong ones) select pixels; at 0.1 all pass.
+#     (83 epochs of the 300-333), or ramp lambda_semi up over it. T_semi 0.5 makes D's map (confidence 0.45 on
+#     right test voxels against 0.35 on wrong ones) select pixels; at 0.1 all pass.
 bench --jobs "$JOBS" --methods baseline isdnet --fractions 0.015625 --no-full --seeds 0 1 \
     --variant ce:cross_entropy=1 ce-warmup-quarter:cross_entropy=1,warmup_epochs=83 \
     ce-ramp-quarter:cross_entropy=1,semi_rampup_epochs=83 ce-tsemi0.5:cross_entropy=1,t_semi=0.5 \
