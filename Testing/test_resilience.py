@@ -248,12 +248,33 @@ def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(dataset, tmp_pat
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def kill_at_a_random_point(process: subprocess.Popen, rng: random.Random) -> bool:
+    """Kill a training process during start-up or a little after one of its first progress events.
+
+    Kill points are tied to progress rather than to the clock, so that each killed run advances at most a couple
+    of epochs on any machine, and twenty kills always land before the run can finish.
+    """
+    events_to_wait = rng.randrange(-1, 4)
+    if events_to_wait < 0:
+        time.sleep(rng.uniform(0.2, 2.5))  # during imports, data loading or the lock
+    else:
+        for _ in range(events_to_wait + 1):
+            if not process.stdout.readline():
+                break
+        time.sleep(rng.uniform(0.0, 0.1))  # inside a step, a checkpoint write or a model write
+    if process.poll() is not None:
+        return False
+    process.kill()
+    return True
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, tmp_path):
     """Fault injection: kill the training process 20 times at random moments, resume each time."""
     out = tmp_path / "model.safetensors"
+    epochs = 40
     base = [sys.executable, "-m", "isdnet", "train", str(dataset), "--out", str(out), "--labeled-fraction", "0.5",
-            "--epochs", "12", "--steps-per-epoch", "2", "--warmup-epochs", "2", "--base-channels", "4",
+            "--epochs", str(epochs), "--steps-per-epoch", "2", "--warmup-epochs", "2", "--base-channels", "4",
             "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--seed", "1", "--progress-json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(7)
@@ -264,10 +285,7 @@ def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, t
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                                    encoding="utf-8")
         if kills < 20:
-            time.sleep(rng.uniform(2.0, 6.0))
-            if process.poll() is None:
-                process.kill()
-                kills += 1
+            kills += kill_at_a_random_point(process, rng)
             process.communicate()
             if out.exists():  # whenever a model exists, it is complete and valid
                 load_model(out)
@@ -281,7 +299,7 @@ def test_sigkill_at_random_points_twenty_times_then_the_run_completes(dataset, t
     model = load_model(out)
     assert model.header["provenance"]["method"] == "isdnet"
     state = read_checkpoint(checkpoint_path(out))[1]["state"]
-    assert state["epoch"] == 12 and [h["epoch"] for h in state["history"]] == list(range(1, 13))
+    assert state["epoch"] == epochs and [h["epoch"] for h in state["history"]] == list(range(1, epochs + 1))
     assert not list(tmp_path.glob(f".*{TEMPORARY_MARKER}*"))
 
 
