@@ -161,7 +161,11 @@ def test_paired_differences_and_targets():
     lines = report.targets(summary, pairs)
     assert "full-label baseline >= 84: 85.0 **met**" in lines[0]
     assert "1/8: isdnet - baseline >= +1.8" in lines[1] and "**met**" in lines[1]
-    assert "isdnet - hung > 0" in lines[2] and "**missed**" in lines[2]
+    assert "isdnet - hung > 0" in lines[2] and "**missed**" in lines[2]  # -1 and -1: the interval is below 0
+    # seeds 0-1 against hung at +1 and -3 points: the interval holds 0, so neither met nor missed
+    summary["1/8|hung"] = cell({0: 0.72, 1: 0.77})
+    lines = report.targets(summary, report.paired(summary))
+    assert "isdnet - hung > 0: -1.00 [" in lines[2] and "**undecided** (the interval holds +0.0)" in lines[2]
     assert report.mean_interval([1.0])[1] == float("inf")
 
 

@@ -156,6 +156,13 @@ def targets(summary: dict[str, Any], pairs: Sequence[dict[str, Any]]) -> list[st
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
 
+    def against_bound(p: dict[str, Any], bound: float) -> str:
+        """Met or missed only when the whole 95% interval lies on one side of the bound: with a few seeds, a mean
+        on the right side of it is no result."""
+        if p["low"] >= bound or p["high"] < bound:
+            return verdict(p["low"] >= bound)
+        return f"**undecided** (the interval holds {bound:+.1f})"
+
     def pair(key: str, method: str, against: str) -> Optional[dict[str, Any]]:
         return next((p for p in pairs if (p["key"], p["method"], p["against"]) == (key, method, against)), None)
 
@@ -171,7 +178,7 @@ def targets(summary: dict[str, Any], pairs: Sequence[dict[str, Any]]) -> list[st
         if key == FULL or p is None:
             continue
         if key == "1/2":
-            lines.append(f"- 1/2: isdnet - baseline >= -0.5: {shown(p)} {verdict(p['mean'] >= -0.5)}")
+            lines.append(f"- 1/2: isdnet - baseline >= -0.5: {shown(p)} {against_bound(p, -0.5)}")
         elif key in ("1/8", "1/16"):
             lines.append(f"- {key}: isdnet - baseline >= +1.8 with the interval above 0: {shown(p)} "
                          f"{verdict(p['mean'] >= 1.8 and p['low'] > 0)}")
@@ -180,8 +187,7 @@ def targets(summary: dict[str, Any], pairs: Sequence[dict[str, Any]]) -> list[st
         for method, against, need in (("isdnet", "hung", "> 0"), ("adv", "adv-classifier", ">= 0")):
             q = pair(key, method, against)
             if q is not None:
-                ok = q["mean"] > 0 if need == "> 0" else q["mean"] >= 0
-                lines.append(f"- {key}: {method} - {against} {need}: {shown(q)} {verdict(ok)}")
+                lines.append(f"- {key}: {method} - {against} {need}: {shown(q)} {against_bound(q, 0.0)}")
     return lines
 
 
