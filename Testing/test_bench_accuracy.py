@@ -258,13 +258,17 @@ def test_the_headline_of_a_doc_is_rewritten_from_the_report_and_the_prose_around
                for m, seed, d in [("baseline", 0, 0.80), ("baseline", 1, 0.82), ("isdnet", 0, 0.83),
                                   ("isdnet", 1, 0.84)]]
     summary = report.summarise(records)
-    start, end = report.HEADLINE_MARKERS
+    start, end = report.headline_markers()
+    table3 = "\n".join(report.headline_markers("table3"))
     doc = tmp_path / "results.md"
-    doc.write_text(f"# Results\n\nintro\n\n{start}\nold numbers\n{end}\n\nafter\n", encoding="utf-8")
+    doc.write_text(f"# Results\n\nintro\n\n{start}\nold numbers\n{end}\n\nafter\n{table3}\n", encoding="utf-8")
     report.write_headline(dict(summary=summary, paired=report.paired(summary)), doc)
     text = doc.read_text(encoding="utf-8")
-    assert text.startswith(f"# Results\n\nintro\n\n{start}\n") and text.endswith(f"\n{end}\n\nafter\n")
+    assert text.startswith(f"# Results\n\nintro\n\n{start}\n") and text.endswith(f"\n{end}\n\nafter\n{table3}\n")
     assert "old numbers" not in text
+    report.write_headline(dict(summary=summary, paired=report.paired(summary)), doc, "table3")  # a second block
+    second = doc.read_text(encoding="utf-8")
+    assert second.startswith(text[:-len(table3) - 1]) and second.count("| isdnet | 83.5 ± 0.7 (n=2) |") == 2
     assert "| baseline | 81.0 ± 1.4 (n=2) |" in text and "| isdnet | 83.5 ± 0.7 (n=2) |" in text
     assert "| 1/8 | isdnet - baseline | [0, 1] | +3.0, +2.0 | +2.50 [" in text
     broken = tmp_path / "no-markers.md"

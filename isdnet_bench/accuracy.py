@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headline", type=Path, default=None, metavar="DOC",
                         help="also rewrite the result that DOC quotes (the lines between its headline markers, "
                              "e.g. docs/results.md) from this report")
+    parser.add_argument("--headline-block", default="", metavar="NAME",
+                        help="the named block of DOC to rewrite, where DOC quotes several reports (markers "
+                             "'<!-- headline NAME: generated from the report -->' and '<!-- end of headline NAME -->')")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the runs already finished in --out, training nothing")
     parser.add_argument("--quick", action="store_true",
@@ -362,5 +365,5 @@ def run(args: argparse.Namespace) -> None:
     report_path.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     render_chart(report, report_path.with_suffix(".png"))
     if args.headline:
-        write_headline(report, args.headline)
+        write_headline(report, args.headline, args.headline_block)
     print(markdown)

@@ -17,8 +17,15 @@ from isdnet.errors import InputError
 from .records import finish_chart
 
 FULL = "full"  # the fraction key of the full-label runs
-# The lines around the result a doc quotes, which --headline rewrites from the report.
-HEADLINE_MARKERS = ("<!-- headline: generated from the report -->", "<!-- end of headline -->")
+
+
+def headline_markers(block: str = "") -> tuple[str, str]:
+    """The lines around a result a doc quotes, which --headline rewrites from the report; a doc that quotes several
+    reports names each block (--headline-block)."""
+    name = f" {block}" if block else ""
+    return f"<!-- headline{name}: generated from the report -->", f"<!-- end of headline{name} -->"
+
+
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond, the normal's 1.96.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -231,10 +238,10 @@ def paired_table(pairs: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_headline(report: dict[str, Any], document: Path) -> None:
-    """Replace the block between HEADLINE_MARKERS in ``document`` (a doc that quotes the result) with the final
-    models' table, the paired differences and the targets, so the doc cannot drift from the records."""
-    start, end = HEADLINE_MARKERS
+def write_headline(report: dict[str, Any], document: Path, block: str = "") -> None:
+    """Replace the block between ``headline_markers(block)`` in ``document`` (a doc that quotes the result) with
+    the final models' table, the paired differences and the targets, so the doc cannot drift from the records."""
+    start, end = headline_markers(block)
     text = document.read_text(encoding="utf-8")
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise InputError(document, f"needs one '{start}' line followed by one '{end}' line")
