@@ -34,12 +34,13 @@ def add_output_arguments(parser: argparse.ArgumentParser, benchmark: str, work: 
 
 
 def finish_chart(fig: Any, ax: Any, ylabel: str, title: str, path: Path) -> None:
-    """Label a report's chart, add its legend, write it as PNG and free it."""
+    """Label a report's chart, add its legend (right of the axes, where it hides no bar or curve), write it as PNG
+    and free it."""
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
