@@ -150,6 +150,10 @@ def test_bench_speed_quick_writes_table_and_json(tmp_path, capsys):
     assert {row["dtype"] for row in results["training"]} >= {"fp32"}
     assert all(row["data_ms"] > 0 and 0 < row["data_share_of_isdnet_step"] for row in results["training"])
     assert results["agreement"][0]["data"] == "phantom"
+    rank = results["rank"]
+    assert rank["data"] == "phantom" and rank["volumes"] == 3 and rank["seconds"] > 0
+    assert rank["signals"] == ["confidence", "entropy", "flip"]  # an isdnet model: D's signal is timed too
+    assert rank["target_s"] == pytest.approx(60.0 * 3 / 50)
     table = capsys.readouterr().out
     assert "segment()" in table and "plain fp32 batch-1" in table and "isdnet/baseline" in table
-    assert "batch making" in table
+    assert "batch making" in table and "rank: 3 phantom volumes, strategy combined" in table

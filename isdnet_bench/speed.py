@@ -7,10 +7,11 @@ Everything is measured in one run on one machine, so the ratios are comparable e
   ratio, GFLOP/s (``torch.utils.flop_counter``) against the matrix-multiply peak measured here, peak RSS;
 - the peak memory of ``segment()`` on a 600 x 512 x 512 volume, against input + output + 1 GB;
 - a ``baseline`` and an ``isdnet`` training step on the same slices;
-- the Dice between the fast path's and the float32 segmentations of a phantom and of real hippocampus MRI.
+- the Dice between the fast path's and the float32 segmentations of a phantom and of real hippocampus MRI;
+- ``isdnet rank`` (``rank_volumes``, every signal the model has) on 50 hippocampus volumes, against a minute.
 
 Each inference measurement runs in its own child process so its peak resident memory is its own. One file of
-about 500 lines on purpose: the four sections share the timing, peak and child-process helpers, and each is a
+about 550 lines on purpose: the five sections share the timing, peak and child-process helpers, and each is a
 short function over them.
 """
 
@@ -51,8 +52,10 @@ from isdnet.trainer import Trainer
 from .machine import describe_machine
 
 GIB = 1024**3
-SECTIONS = ("inference", "memory", "training", "agreement")
+SECTIONS = ("inference", "memory", "training", "agreement", "rank")
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+RANK_VOLUMES = 50  # issue 15: `isdnet rank` on 50 hippocampus volumes ...
+RANK_TARGET_S = 60.0  # ... in under a minute on 2 cores
 
 
 @dataclass
@@ -69,12 +72,15 @@ class Sizes:
     train_batch: int
     agreement_width: int
     agreement_steps: int
+    rank_volumes: int
 
 
 FULL = Sizes(width=32, lasc=(88, 320, 320), ct=(200, 512, 512), large=(600, 512, 512), large_width=8,
-             reference_slices=(16, 6), train_size=128, train_batch=8, agreement_width=16, agreement_steps=60)
+             reference_slices=(16, 6), train_size=128, train_batch=8, agreement_width=16, agreement_steps=60,
+             rank_volumes=RANK_VOLUMES)
 QUICK = Sizes(width=8, lasc=(4, 64, 64), ct=(3, 96, 96), large=(6, 96, 96), large_width=8,
-              reference_slices=(2, 1), train_size=32, train_batch=2, agreement_width=8, agreement_steps=2)
+              reference_slices=(2, 1), train_size=32, train_batch=2, agreement_width=8, agreement_steps=2,
+              rank_volumes=3)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these sections (the others are left out of the table and the JSON)")
     parser.add_argument("--model", type=Path, default=None,
-                        help="a trained hippocampus model for the agreement check (default: train one briefly)")
+                        help="a trained hippocampus model for the agreement and rank checks (default: train one "
+                             "briefly; for rank an isdnet model, so that D's signal is timed too)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -127,6 +134,8 @@ def run(args: argparse.Namespace) -> None:
         results["training"] = training_rows(sizes, device, args.precision, repeats)
     if "agreement" in args.only:
         results["agreement"] = agreement_rows(sizes, args)
+    if "rank" in args.only:
+        results["rank"] = rank_row(sizes, args)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(format_table(results))
@@ -436,6 +445,34 @@ def agreement_rows(sizes: Sizes, args: argparse.Namespace) -> list[dict[str, Any
     return rows
 
 
+def rank_row(sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    """``rank_volumes`` with strategy ``combined`` (every signal the model has: one pass of S, its flip, and D) on
+    ``sizes.rank_volumes`` hippocampus volumes (phantoms with ``--quick``), timed end to end from the files."""
+    from isdnet.phantoms import write_phantom_dataset
+    from isdnet.rank import rank_volumes
+
+    with tempfile.TemporaryDirectory(prefix="isdnet-rank-") as tmp:
+        real = HIPPOCAMPUS.is_dir() and not args.quick
+        folder = HIPPOCAMPUS if real else write_phantom_dataset(Path(tmp) / "phantom", sizes.rank_volumes, seed=0)
+        spec = load_dataset(folder)
+        cases = spec.cases[:sizes.rank_volumes]
+        given = args.model if real else None
+        model_path = given
+        if model_path is None:  # the engine's default networks, briefly trained: the cost does not depend on weights
+            config = TrainConfig(method="isdnet", epochs=1, warmup_epochs=0, steps_per_epoch=sizes.agreement_steps,
+                                 validation_fraction=0.0, device="cpu")
+            model_path = Path(tmp) / "isdnet.safetensors"
+            train(cases[:2], cases[2:4] or cases[:1], spec.labels, model_path, config)
+        started = time.perf_counter()
+        ranked = rank_volumes(cases, model_path, "combined", device=args.device, precision=args.precision)
+        seconds = time.perf_counter() - started
+    return dict(data="hippocampus" if real else "phantom", volumes=len(ranked),
+                signals=sorted(ranked[0].scores), model=str(given) if given else "engine defaults, briefly trained",
+                seconds=round(seconds, 2), seconds_per_volume=round(seconds / len(ranked), 3),
+                target_s=RANK_TARGET_S * len(ranked) / RANK_VOLUMES,
+                within_target=seconds <= RANK_TARGET_S * len(ranked) / RANK_VOLUMES)
+
+
 def _split(name: str, folder: Path, cases: list[Any]) -> tuple[list[Any], list[Any]]:
     """Training and test cases: the dataset's own split file when it has one, else all but the last case."""
     split_file = folder / "splits.json"
@@ -491,5 +528,10 @@ def format_table(results: dict[str, Any]) -> str:
     lines += ["", f"{'agreement':<12} {'cases':>5} {'min Dice':>9} {'mean Dice':>10}  (fast path vs float32)"]
     for row in results.get("agreement", []):
         lines.append(f"{row['data']:<12} {row['cases']:>5} {row['min_dice']:>9.4f} {row['mean_dice']:>10.4f}")
+    r = results.get("rank")
+    if r is not None:
+        lines += ["", f"rank: {r['volumes']} {r['data']} volumes, strategy combined ({', '.join(r['signals'])}) in "
+                  f"{r['seconds']} s ({r['seconds_per_volume']} s per volume), target {r['target_s']:g} s -> "
+                  f"within target: {r['within_target']}"]
     lines.append(f"\nelapsed {results['elapsed_s']} s")
     return "\n".join(lines)
