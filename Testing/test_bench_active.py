@@ -71,6 +71,16 @@ def test_quick_path_end_to_end_on_hippocampus(tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert [r["train_time_s"] for r in again["runs"]] == [r["train_time_s"] for r in report["runs"]]
+    # --report-only reports the finished records and trains nothing: a missing one is left out, not made.
+    (tmp_path / "runs" / "importance_seed0.json").unlink()
+    assert main([*argv, "--report-only", "--report", str(tmp_path / "partial")]) == 0
+    partial = json.loads((tmp_path / "partial.json").read_text(encoding="utf-8"))
+    assert [r.get("strategy") for r in partial["runs"]] == [None, "entropy", "random"]
+    assert not (tmp_path / "runs" / "importance_seed0.json").exists()
+    assert [g["strategy"] for g in partial["gains"]] == ["entropy"]
+    capsys.readouterr()
+    assert main([*argv, "--report-only", "--seeds", "7", "--report", str(tmp_path / "none")]) == 2
+    assert "no finished record in" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
     # --review scores the maps of a trained model and trains nothing.
     model = tmp_path / "runs" / "start_seed0.safetensors"
     assert main(["active", str(HIPPOCAMPUS), "--out", str(tmp_path / "review"), "--test-cases", "1",

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="isdnet", help="what every round trains (isdnet has D and D0)")
     add_training_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished records, training nothing (a seed without its "
+                             "start record is left out)")
     parser.add_argument("--review", nargs="+", type=Path, default=[], metavar="MODEL",
                         help="train nothing: how each uncertainty map of these trained models finds their errors "
                              "on the test split")
@@ -154,12 +157,16 @@ def added_round(start: dict[str, Any], strategy: str, args: argparse.Namespace, 
                 train_time_s=round(time.monotonic() - started, 1))
 
 
-def _recorded(path: Path, settings: dict[str, Any], make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The record at ``path`` if it was made with ``settings``, else ``make()``'s, written there (atomically)."""
+def _recorded(path: Path, settings: dict[str, Any], make: Callable[[], dict[str, Any]], report_only: bool
+              ) -> Optional[dict[str, Any]]:
+    """The record at ``path`` if it was made with ``settings``; else ``make()``'s, written there (atomically), or
+    None with ``report_only``."""
     if path.is_file():
         record = json.loads(path.read_text(encoding="utf-8"))
         if same_settings(record.get("settings"), settings):
             return record
+    if report_only:
+        return None
     print(f"{path.stem} ...", file=sys.stderr, flush=True)
     record = {**make(), "settings": settings}
     save_record(record, path)
@@ -197,19 +204,26 @@ def run(args: argparse.Namespace) -> None:
         if len(pool) < args.add:
             raise ValueError(f"only {len(pool)} unlabeled training cases, fewer than --add {args.add}")
         start = _recorded(records_folder / f"start_seed{seed}.json", settings,
-                          partial(start_round, seed, config, labeled, pool, test_cases, spec.labels, folder))
+                          partial(start_round, seed, config, labeled, pool, test_cases, spec.labels, folder),
+                          args.report_only)
+        if start is None:
+            continue
         records.append(start)
         for strategy in [*args.strategies, REFERENCE]:
             if strategy == IMPORTANCE and IMPORTANCE not in next(iter(start["scores"].values()), {}):
                 continue  # a method without D0
             if strategy == "confidence" and "confidence" not in next(iter(start["scores"].values()), {}):
                 continue  # a method without D
-            records.append(_recorded(records_folder / f"{strategy}_seed{seed}.json", settings,
-                                     partial(added_round, start, strategy, args, config, by_name, test_cases,
-                                             spec.labels, folder)))
+            added = _recorded(records_folder / f"{strategy}_seed{seed}.json", settings,
+                              partial(added_round, start, strategy, args, config, by_name, test_cases, spec.labels,
+                                      folder), args.report_only)
+            if added is not None:
+                records.append(added)
+    if not records:
+        raise ValueError(f"no finished record in {records_folder} was made with these settings")
     settings = (f"{len(train_cases)} training cases, {len(test_cases)} test cases; start {args.start_fraction:g} "
                 f"labeled, +{args.add} per strategy; {args.method}, about {args.steps} steps of S per training; "
-                f"seeds {args.seeds}")
+                f"seeds {sorted({r['seed'] for r in records})}")
     report = dict(meta=_meta(args, settings, started), **summarise(records, REFERENCE),
                   runs=[{k: v for k, v in r.items() if k != "settings"} for r in records])
     render_chart(report, _write(report, render_markdown(report), args).with_suffix(".png"))
