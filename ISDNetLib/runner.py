@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from isdnet.threads import wait_passively
+
 LOG_LINES_KEPT = 5000
 WINDOWS = os.name == "nt"
 
@@ -37,12 +39,13 @@ def python_executable() -> str:
 
 
 def engine_environment(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
-    """The environment for an engine child: unbuffered output and the folder holding ``isdnet`` on PYTHONPATH.
+    """The environment for an engine child: unbuffered output, torch threads that wait passively
+    (``isdnet.threads``), and the folder holding ``isdnet`` on PYTHONPATH.
 
     Inside Slicer the extension's folders are on ``sys.path`` of the application only, so a child process would
     not find ``isdnet`` without this.
     """
-    env = dict(os.environ)
+    env = wait_passively(dict(os.environ))  # Slicer's own torch is loaded already; the child's is not
     env["PYTHONUNBUFFERED"] = "1"
     spec = importlib.util.find_spec("isdnet")
     if spec is not None and spec.origin:

@@ -29,6 +29,7 @@ from .config import (
 )
 from .errors import ISDNetError
 from .progress import Progress
+from .threads import wait_passively
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -245,6 +246,7 @@ def exit_status(program: str, work: Callable[[], None], progress: Optional[Progr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    wait_passively()  # before torch loads: its threads must not spin on a shared core
     args = build_parser().parse_args(argv)
     progress = Progress(json_lines=getattr(args, "progress_json", False))
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from isdnet.cli import exit_status
+from isdnet.threads import wait_passively
 
 from . import accuracy, active, convergence, speed
 
@@ -24,5 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    wait_passively()  # as the isdnet command does, so that the benchmarks measure what users run
     args = build_parser().parse_args(argv)
     return exit_status(f"isdnet-bench {args.benchmark}", lambda: args.run(args))
