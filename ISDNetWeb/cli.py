@@ -15,6 +15,7 @@ from typing import Optional
 from isdnet.cli import exit_status
 from isdnet.config import DEVICES
 from isdnet.errors import ISDNetError
+from isdnet.threads import wait_passively
 
 from .security import check_serving
 
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    wait_passively()  # before torch loads: the server segments small volumes in its own process
     parser = argparse.ArgumentParser(prog="isdnet-web", description="the ISDNet train-and-segment workflow in a "
                                      "browser (trame-slicer)")
     add_arguments(parser)
