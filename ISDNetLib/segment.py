@@ -31,6 +31,7 @@ from isdnet.config import (
     Event,
 )
 from isdnet.modelheader import read_header
+from isdnet.threads import without_spinning
 
 from .child import ChildJobLogic
 from .nodes import CONFIDENCE, PREDICTION, UNCERTAINTY, mark, output_of
@@ -112,8 +113,9 @@ class SegmentLogic(ChildJobLogic):
         require_image_data(volume_node)
         self.status = SegmentStatus("running", 0.0, f"Segmenting '{volume_node.GetName()}'...")
         model = load_model(Path(model_path))
-        result = segment(image_from_volume(volume_node), model, device=device, confidence=confidence,
-                         progress=progress)
+        with without_spinning():
+            result = segment(image_from_volume(volume_node), model, device=device, confidence=confidence,
+                             progress=progress)
         node = self.import_result(volume_node, result.labels, model.header, result.confidence,
                                   segmentation_node, replace)
         self.status.state, self.status.fraction, self.status.segmentation_node = "done", 1.0, node
@@ -137,7 +139,8 @@ class SegmentLogic(ChildJobLogic):
             return None
         from isdnet.uncertainty import analyse
 
-        result = analyse(image_from_volume(volume_node), Path(model_path), kinds=[uncertainty], device=device)
+        with without_spinning():
+            result = analyse(image_from_volume(volume_node), Path(model_path), kinds=[uncertainty], device=device)
         return self._show_review(volume_node, result.maps[uncertainty], uncertainty, view, count)
 
     def _show_review(self, volume_node: Any, image: Any, uncertainty: str, view: str, count: int

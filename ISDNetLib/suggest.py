@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from isdnet.config import DEFAULT_RANK_STRATEGY, RANK_FILE, Event
 from isdnet.rankfile import read_ranking
+from isdnet.threads import without_spinning
 
 from .child import ChildJobLogic
 from .nodes import PREDICTION, output_kind, output_of
@@ -74,8 +75,9 @@ class SuggestLogic(ChildJobLogic):
         from isdnet.rank import rank_images
 
         nodes = self._names(volume_nodes)
-        ranking = rank_images(list(nodes), [image_from_volume(n) for n in nodes.values()], Path(model_path),
-                              strategy, seed=seed, device=device)
+        with without_spinning():
+            ranking = rank_images(list(nodes), [image_from_volume(n) for n in nodes.values()], Path(model_path),
+                                  strategy, seed=seed, device=device)
         self.status = SuggestStatus("done", 1.0, "", strategy, _suggestions(ranking, nodes))
         return self.status.suggestions
 

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import slicer
 import slicer.util
 import slicer_fixture as fx
+import torch
 import vtk
 from test_outputs import tiny_model
 
@@ -96,6 +97,36 @@ def test_review_shows_the_models_uncertainty_over_the_volume(mrml, model):
                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
     maps = [n for n in volumes if output_kind(n)]
     assert len(maps) == 1 and maps[0].GetAttribute("ISDNet.Uncertainty") == "flip"
+
+
+def test_in_process_work_runs_torch_on_one_thread_unless_its_threads_wait_passively(mrml, model, monkeypatch):
+    import isdnet.rank
+    import isdnet.uncertainty
+
+    seen = []
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(isdnet.uncertainty, "analyse", spy(isdnet.uncertainty.analyse))
+    monkeypatch.setattr(isdnet.rank, "rank_images", spy(isdnet.rank.rank_images))
+    image, _ = fx.phantom((12, 32, 32), seed=4)
+    volume = fx.add_volume(mrml.scene, image, "patient", (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), np.eye(3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # Slicer's torch: loaded with spinning threads
+        SegmentLogic(mrml.scene).review(volume, model, count=2)
+        SuggestLogic(mrml.scene).suggest(model, [volume])
+        assert seen == [1, 1] and torch.get_num_threads() == 2, "one thread inside, the count restored after"
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # isdnet-web's: set before torch loaded
+        SegmentLogic(mrml.scene).review(volume, model, count=2)
+        assert seen == [1, 1, 2]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_review_above_the_in_process_limit_runs_in_a_child_with_the_same_map(mrml, model):
