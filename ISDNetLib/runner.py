@@ -45,7 +45,8 @@ def engine_environment(extra: Optional[dict[str, str]] = None) -> dict[str, str]
     Inside Slicer the extension's folders are on ``sys.path`` of the application only, so a child process would
     not find ``isdnet`` without this.
     """
-    env = wait_passively(dict(os.environ))  # Slicer's own torch is loaded already; the child's is not
+    env = dict(os.environ)
+    wait_passively(env)  # Slicer's own torch is loaded already; the child's is not
     env["PYTHONUNBUFFERED"] = "1"
     spec = importlib.util.find_spec("isdnet")
     if spec is not None and spec.origin:
