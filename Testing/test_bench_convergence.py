@@ -26,7 +26,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_arms_are_the_current_defaults_the_candidate_and_its_four_times_longer_reference():
     args = parse("--steps", "300", "--set", "slice_size=[32,32]")
-    current, candidate, reference = (convergence.arm_config(args, arm, "fp32") for arm in convergence.ARMS)
+    current, candidate, reference = (convergence.arm_config(args, arm, "fp32", 3) for arm in convergence.ARMS)
     defaults = TrainConfig()
     assert (current.learning_rate, current.epochs, current.discriminator_channels, current.patience) == (
         defaults.learning_rate, defaults.epochs, defaults.discriminator_channels, None)
@@ -35,9 +35,11 @@ def test_arms_are_the_current_defaults_the_candidate_and_its_four_times_longer_r
     assert (reference.total_steps, reference.patience, reference.max_minutes) == (1200, None, None)
     assert reference.foreground_fraction == 0.5 and reference.learning_rate == candidate.learning_rate
     assert {c.slice_size[0] for c in (current, candidate, reference)} == {32}
-    assert convergence.arm_config(args, "candidate", "bf16").precision == "bf16"
+    assert {c.seed for c in (current, candidate, reference)} == {3}, "a seed initialises every arm alike"
+    assert convergence.arm_config(args, "candidate", "bf16", 0).precision == "bf16"
+    assert parse("--seeds", "0", "2").seeds == [0, 2] and parse().seeds == [0]
     with pytest.raises(ValueError, match="patience"):
-        convergence.arm_config(parse("--patience", "0"), "candidate", "fp32")
+        convergence.arm_config(parse("--patience", "0"), "candidate", "fp32", 0)
 
 
 def test_study_cases_are_drawn_with_the_seed_and_disjoint(tmp_path):
@@ -50,8 +52,9 @@ def test_study_cases_are_drawn_with_the_seed_and_disjoint(tmp_path):
         convergence.study_cases(cases, 10, 12, seed=0)
 
 
-def record(arm: str, dice: float, minutes: float, points, reason: str = "") -> dict:
-    return dict(name=f"{arm}_fp32_seed0", arm=arm, precision="fp32", reason=reason, epochs=10, steps=100,
+def record(arm: str, dice: float, minutes: float, points, reason: str = "", seed: int = 0) -> dict:
+    return dict(name=f"{arm}_fp32_seed{seed}", arm=arm, precision="fp32", seed=seed, config=dict(seed=seed),
+                reason=reason, epochs=10, steps=100,
                 train_minutes=minutes, test_dice=dice, best_val_dice=0.8, points=[
                     dict(epoch=e, minutes=m, val_dice=None, test_dice=d) for e, (m, d) in enumerate(points, 1)])
 
@@ -65,16 +68,54 @@ def test_report_times_each_run_to_within_a_point_of_the_reference_and_checks_the
     assert rows["current"]["minutes_to_within"] is None and rows["current"]["reason"] == "planned epochs"
     assert rows["candidate"]["behind_reference"] == pytest.approx(0.005)
     target = report.target_lines(list(rows.values()))
-    assert target == ["- fp32: final model within 1 point of the reference (+0.5 behind) in 12.0 <= 15 min: "
+    assert target == ["- fp32, seed 0: final model within 1 point of the reference (+0.5 behind) in 12.0 <= 15 min: "
                       "**met**; ended by itself: **yes** (converged)"]
     slow = report.summarise([record("candidate", 0.79, 20.0, [(20, 0.79)]), records[2]])
     assert "**missed**" in report.target_lines(slow)[0] and "**no**" in report.target_lines(slow)[0]
     markdown = report.render_markdown(dict(meta=dict(dataset="d", commit="c", date="now", machine="m", command="x",
-                                                     labeled_cases=4, unlabeled_cases=12, test_cases=20, seed=0,
+                                                     labeled_cases=4, unlabeled_cases=12, test_cases=20, seeds=[0],
                                                      wall_time_s=60, runs_done=3, runs_reused=0),
                                            summary=report.summarise(records), runs=records))
-    assert "| candidate | fp32 | converged | 10 | 100 | 12.0 | 80.5 | 80.0 | 6.0 |" in markdown
-    assert "| current | fp32 | planned epochs | 10 | 100 | 30.0 | 60.0 | 80.0 | not reached |" in markdown
+    assert "| candidate | fp32 | 0 | converged | 10 | 100 | 12.0 | 80.5 | 80.0 | 6.0 |" in markdown
+    assert "| current | fp32 | 0 | planned epochs | 10 | 100 | 30.0 | 60.0 | 80.0 | not reached |" in markdown
+    assert "Paired over seeds" not in markdown, "one seed has no interval to show"
+
+
+def seeds_of(reference, candidate, current, minutes=(12.0, 14.0, 16.0), converged=(True, True, False)):
+    """Records of three paired seeds with the given final test Dice per arm."""
+    return [r for s in range(3) for r in (
+        record("reference", reference[s], 48.0, [(48, reference[s])], seed=s),
+        record("candidate", candidate[s], minutes[s], [(minutes[s], candidate[s])],
+               "converged" if converged[s] else "", seed=s),
+        record("current", current[s], 30.0, [(30, current[s])], seed=s))]
+
+
+def test_paired_seeds_give_the_candidates_differences_with_intervals_and_judge_the_target():
+    # candidate - reference: -0.5, -2.0, 0.0 points: mean -0.833, sd 1.041, half 4.303 * 1.041 / sqrt(3) = 2.586
+    # candidate - current: +1.5, +1.0, +1.0 points: mean +1.167, sd 0.289, half 4.303 * 0.289 / sqrt(3) = 0.717
+    rows = report.summarise(seeds_of((0.80, 0.82, 0.81), (0.795, 0.80, 0.81), (0.78, 0.79, 0.80)))
+    assert [r["reference_dice"] for r in rows if r["arm"] == "candidate"] == [0.80, 0.82, 0.81], "paired by seed"
+    (pair,) = report.paired(rows)
+    assert pair["seeds"] == [0, 1, 2] and pair["median_minutes"] == 14.0 and pair["converged"] == 2
+    assert pair["against_reference"] == pytest.approx((-0.008333, 0.025858), abs=1e-5)
+    assert pair["against_current"] == pytest.approx((0.011667, 0.007172), abs=1e-5)
+    lines = report.paired_lines([pair])
+    assert "| fp32 | 3 | -0.83 [-3.42, +1.75] | +1.17 [+0.45, +1.88] | 14.0 | 2 of 3 |" in lines
+    assert lines[-1] == ("- fp32 over 3 seeds: within 1 point of the reference: **undecided** (the interval holds "
+                         "-1.0); median 14.0 <= 15 min: **yes**; ended by itself in 2 of 3")
+    close = report.paired(report.summarise(seeds_of((0.80, 0.82, 0.81), (0.798, 0.817, 0.8075), (0.7,) * 3)))
+    assert report.within_verdict(*close[0]["against_reference"]) == "**met**"
+    far = report.paired(report.summarise(seeds_of((0.80, 0.82, 0.81), (0.78, 0.798, 0.789), (0.7,) * 3)))
+    assert report.within_verdict(*far[0]["against_reference"]) == "**missed**"
+    slow = report.paired_lines(report.paired(report.summarise(seeds_of((0.8,) * 3, (0.8,) * 3, (0.7,) * 3,
+                                                                        minutes=(20.0, 16.0, 14.0)))))
+    assert "median 16.0 <= 15 min: **no**" in slow[-1]
+
+
+def test_records_from_before_seeds_read_their_seed_from_the_config():
+    old = record("candidate", 0.8, 10.0, [(10, 0.8)], seed=4)
+    del old["seed"]
+    assert report.summarise([old])[0]["seed"] == 4
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"{HIPPOCAMPUS} is absent: the real-MRI benchmark test "

@@ -1,12 +1,13 @@
 """Time to a converged model (``isdnet-bench convergence``): test Dice against wall-clock time of training.
 
-On a small semi-supervised study (4 labeled and 12 unlabeled training cases drawn with the seed from the train
+On a small semi-supervised study (4 labeled and 12 unlabeled training cases drawn with each seed from the train
 list of ``splits.json``, a fixed subset of the test cases) it trains, one run at a time so that the clock means
-something: (a) the engine's current defaults, (b) the candidate new defaults (the accuracy benchmark's protocol,
-plus ``--patience`` and ``--foreground-fraction``), (c) a reference of the candidate 4x longer, without patience.
+something, for every seed: (a) the engine's current defaults, (b) the candidate new defaults (the accuracy
+benchmark's protocol, plus ``--patience`` and ``--foreground-fraction``), (c) a reference of the candidate 4x
+longer, without patience.
 Every few epochs the checkpoint is kept aside; after training, each kept checkpoint's S is scored on the test
 subset, so the scoring costs no training time. The report says how long each run took to come within 1 Dice point
-of the reference's final model, its final Dice and its minutes.
+of the reference's final model, its final Dice and its minutes; over several seeds, the paired differences.
 
 Each run leaves a JSON record in ``--records``; an interrupted benchmark resumes from the records, and a run cut
 off mid-way from its checkpoint. The report (``convergence_report``: Markdown, JSON, PNG) is rebuilt from them.
@@ -63,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labeled", type=int, default=4, help="labeled training cases (one of them validates)")
     parser.add_argument("--unlabeled", type=int, default=12, help="unlabeled training cases")
     parser.add_argument("--test-cases", type=int, default=20, help="the first N cases of the test split")
-    parser.add_argument("--seed", type=int, default=0, help="draws the training cases and initialises the networks")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="paired seeds: each draws the training "
+                        "cases and initialises the networks of all three arms alike")
     parser.add_argument("--steps", type=int, default=3000, help="the candidate's planned steps of S (its poly "
                         "decay runs over them; patience may end it sooner)")
     parser.add_argument("--reference-factor", type=int, default=4, help="the reference trains this many times "
@@ -90,9 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "it): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
 
 
-def arm_config(args: argparse.Namespace, arm: str, precision: str) -> TrainConfig:
+def arm_config(args: argparse.Namespace, arm: str, precision: str, seed: int) -> TrainConfig:
     """The TrainConfig of one arm: the engine's defaults (``current``), the candidate, or its long reference."""
-    common = dict(seed=args.seed, device=args.device, precision=precision)
+    common = dict(seed=seed, device=args.device, precision=precision)
     if arm == "current":
         config = TrainConfig(**common, epochs=args.current_epochs)
     else:
@@ -191,7 +193,6 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     spec = load_dataset(args.dataset)
     train_cases, test_cases = split_cases(args.dataset, spec.cases, args.test_fraction)
-    labeled, unlabeled = study_cases(train_cases, args.labeled, args.unlabeled, args.seed)
     test_cases = test_cases[:args.test_cases]
     folder = args.out / "runs"
     records_folder = args.records or folder
@@ -200,33 +201,35 @@ def run(args: argparse.Namespace) -> None:
     report_path = args.report or args.out / "results"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     records, done, reused = [], 0, 0
-    for precision in args.precisions:
-        for arm in args.arms:
-            name, config = f"{arm}_{precision}_seed{args.seed}", arm_config(args, arm, precision)
-            settings = json.loads(json.dumps(dict(
-                config=dataclasses.asdict(config), labeled=[c.name for c in labeled],
-                unlabeled=[c.name for c in unlabeled], test=[c.name for c in test_cases], every=args.score_every)))
-            record_path = records_folder / f"{name}.json"
-            record = reusable_record(record_path, settings)
-            if record is not None:
-                reused += 1
-            elif args.report_only:
-                continue
-            else:
-                print(f"{name} ...", file=sys.stderr, flush=True)
-                record = dict(execute(name, config, labeled, unlabeled, test_cases, spec.labels, folder,
-                                      args.score_every), arm=arm, precision=precision, settings=settings)
-                save_record(record, record_path)
-                done += 1
-                print(f"{name}: test Dice {record['test_dice']:.4f} after {record['train_minutes']:.1f} min",
-                      file=sys.stderr, flush=True)
-            records.append(record)
+    runs = [(seed, precision, arm) for seed in args.seeds for precision in args.precisions for arm in args.arms]
+    for seed, precision, arm in runs:
+        labeled, unlabeled = study_cases(train_cases, args.labeled, args.unlabeled, seed)
+        name, config = f"{arm}_{precision}_seed{seed}", arm_config(args, arm, precision, seed)
+        settings = json.loads(json.dumps(dict(
+            config=dataclasses.asdict(config), labeled=[c.name for c in labeled],
+            unlabeled=[c.name for c in unlabeled], test=[c.name for c in test_cases], every=args.score_every)))
+        record_path = records_folder / f"{name}.json"
+        record = reusable_record(record_path, settings)
+        if record is not None:
+            reused += 1
+        elif args.report_only:
+            continue
+        else:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            record = dict(execute(name, config, labeled, unlabeled, test_cases, spec.labels, folder,
+                                  args.score_every), arm=arm, precision=precision, seed=seed,
+                          settings=settings)
+            save_record(record, record_path)
+            done += 1
+            print(f"{name}: test Dice {record['test_dice']:.4f} after {record['train_minutes']:.1f} min",
+                  file=sys.stderr, flush=True)
+        records.append(record)
     report = dict(
         meta=dict(dataset=args.dataset.name, commit=code_commit(), machine=describe_machine(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   command=command_line("convergence"), wall_time_s=time.monotonic() - started, runs_done=done,
-                  runs_reused=reused, labeled_cases=len(labeled), unlabeled_cases=len(unlabeled),
-                  test_cases=len(test_cases), seed=args.seed),
+                  runs_reused=reused, labeled_cases=args.labeled, unlabeled_cases=args.unlabeled,
+                  test_cases=len(test_cases), seeds=args.seeds),
         summary=summarise(records),
         runs=[{k: v for k, v in r.items() if k != "settings"} for r in records])
     markdown = render_markdown(report)

@@ -8,6 +8,7 @@
 # records. To stop it, send SIGTERM to its whole process group (started with setsid: kill -TERM -- -PID).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source isdnet_bench/seed_workers.sh
 DATASET=${DATASET:-../shared/data/hippocampus}
 PYTHON=${PYTHON:-.venv/bin/python}
 RECORDS=${RECORDS:-docs/bench_active_hippocampus_runs}
@@ -21,14 +22,5 @@ active() {
     nice -n 5 "$PYTHON" -m isdnet_bench active "$DATASET" --out "$OUT" --records "$RECORDS" --threads 1 \
         --cross-entropy 1 "$@"
 }
-worker() {
-    local k=$1 i
-    for ((i = k; i < ${#SEEDS[@]}; i += JOBS)); do
-        active --seeds "${SEEDS[i]}" --report "$OUT/seed${SEEDS[i]}"
-    done
-}
-for ((k = 0; k < JOBS; k++)); do
-    worker "$k" &
-done
-wait
+each_seed active
 active --seeds "${SEEDS[@]}" --report "$REPORT"
