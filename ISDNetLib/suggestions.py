@@ -1,5 +1,5 @@
 """How the front ends show a "suggested next" ranking (``suggest.SuggestLogic``'s status): the text of a volume's
-"suggested" cell, the line saying which strategy ordered the volumes and that it is provisional, the rows of the
+"suggested" cell, the line saying which strategy ordered the volumes and why it is the default, the rows of the
 web app's list, which model to rank with, and opening the top volume for annotation.
 
 Kept apart from the Qt widget so that ISDNet Train and the web app say the same and the tests check it on
@@ -12,12 +12,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from isdnet.config import MODEL_SUFFIX, RANK_STRATEGIES_MEASURED, RANK_STRATEGY_TITLES
+from isdnet.config import DEFAULT_RANK_STRATEGY, MODEL_SUFFIX, RANK_DEFAULT_REASON, RANK_STRATEGY_TITLES
 
 from .suggest import SuggestStatus, open_for_annotation
-
-PROVISIONAL_NOTE = ("Provisional: which strategy helps most has not been measured yet (docs/active.md), so the "
-                    "default may change.")
 
 
 def score_text(score: float) -> str:
@@ -26,10 +23,10 @@ def score_text(score: float) -> str:
 
 
 def strategy_note(strategy: str) -> str:
-    """Which strategy ordered the volumes, in words, and (until the benchmark has measured them) that it is
-    provisional."""
-    text = f"Ordered by '{strategy}': {RANK_STRATEGY_TITLES.get(strategy, strategy)}, highest first."
-    return text if RANK_STRATEGIES_MEASURED else f"{text} {PROVISIONAL_NOTE}"
+    """Which strategy ordered the volumes, in words, and for the default strategy why it is the default."""
+    title = RANK_STRATEGY_TITLES.get(strategy, strategy)
+    text = f"Ordered by '{strategy}': {title}{'' if strategy == 'random' else ', highest first'}."
+    return f"{text} {RANK_DEFAULT_REASON}" if strategy == DEFAULT_RANK_STRATEGY else text
 
 
 def _present(scene: Any, node: Any) -> bool:

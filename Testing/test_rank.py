@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from test_outputs import refused  # the command fails with status 2 and one line of error
 
-from isdnet.cli import main
+from isdnet.cli import build_parser, main
 from isdnet.config import DEFAULT_RANK_STRATEGY, RANK_STRATEGIES, TrainConfig
 from isdnet.dataset import Case, load_dataset
 from isdnet.errors import InputError
@@ -103,10 +103,11 @@ def test_uncertainty_is_higher_on_the_corrupted_region_and_on_the_input_grid(mod
 
 def test_rank_puts_the_corrupted_volume_first_and_its_json_reads_back(model, volumes, tmp_path, capsys):
     out = tmp_path / "ranking.json"
-    assert main(["rank", "--model", str(model), str(volumes), "--json", str(out), "--device", "cpu"]) == 0
+    assert main(["rank", "--model", str(model), str(volumes), "--json", str(out), "--device", "cpu", "--strategy",
+                 "entropy"]) == 0
     table = capsys.readouterr().out
     strategy, ranking = read_ranking(out)
-    assert strategy == DEFAULT_RANK_STRATEGY == "entropy"
+    assert strategy == "entropy"
     assert [v.rank for v in ranking] == [1, 2, 3, 4] and ranking[0].name == "d_corrupted"
     assert sorted(v.name for v in ranking) == ["a", "b", "c", "d_corrupted"]
     assert [v.score for v in ranking] == sorted((v.score for v in ranking), reverse=True)
@@ -128,6 +129,11 @@ def test_random_strategy_is_seeded_and_scores_nothing(model, volumes):
     assert len(orders) > 1 and all(sorted(o) == ["a", "b", "c", "d_corrupted"] for o in orders)
     assert rank_volumes(cases, model, "random")[0].scores == {}
     assert "random" in RANK_STRATEGIES
+
+
+def test_the_commands_default_strategy_is_the_configured_one():
+    args = build_parser().parse_args(["rank", "--model", "m.safetensors", "volumes"])
+    assert args.strategy == DEFAULT_RANK_STRATEGY in RANK_STRATEGIES
 
 
 def test_combined_is_the_mean_rank_over_the_signals():

@@ -10,15 +10,15 @@ import pytest
 import SimpleITK as sitk
 import slicer_fixture as fx
 
-from isdnet.config import DEFAULT_RANK_STRATEGY, RANK_STRATEGY_TITLES, Event
+from isdnet.config import DEFAULT_RANK_STRATEGY, RANK_DEFAULT_REASON, RANK_STRATEGY_TITLES, Event
 from isdnet.rankfile import RankedVolume, write_ranking
 from ISDNetLib.suggest import SuggestLogic, segment_editor_node
 from ISDNetLib.suggestions import (
-    PROVISIONAL_NOTE,
     annotate_top,
     describe,
     model_to_rank,
     rank_request,
+    strategy_note,
     suggested_text,
     suggestion_rows,
     top_volume,
@@ -108,12 +108,12 @@ def test_the_suggested_column_the_strategy_line_and_annotate_top(mrml, tmp_path)
     assert [suggested_text(status, v) for v in volumes] == ["#3 (0.125)", "#1 (0.500)", "#2 (0.250)"]
     assert suggested_text(status, scans(scene, 1)[0]) == "", "a volume the ranking did not hold"
     line = describe(scene, status)
-    assert line.startswith("Annotate 'scan 1' next. Ordered by 'entropy': ")
-    assert RANK_STRATEGY_TITLES[DEFAULT_RANK_STRATEGY] in line and line.endswith(PROVISIONAL_NOTE)
+    assert line.startswith(f"Annotate 'scan 1' next. Ordered by '{DEFAULT_RANK_STRATEGY}': ")
+    assert RANK_STRATEGY_TITLES[DEFAULT_RANK_STRATEGY] in line and line.endswith(RANK_DEFAULT_REASON)
     assert suggestion_rows(scene, status) == [
-        dict(id=volumes[1].GetID(), name="scan 1", rank=1, score="0.500", strategy="entropy"),
-        dict(id=volumes[2].GetID(), name="scan 2", rank=2, score="0.250", strategy="entropy"),
-        dict(id=volumes[0].GetID(), name="scan 0", rank=3, score="0.125", strategy="entropy")]
+        dict(id=volumes[1].GetID(), name="scan 1", rank=1, score="0.500", strategy=DEFAULT_RANK_STRATEGY),
+        dict(id=volumes[2].GetID(), name="scan 2", rank=2, score="0.250", strategy=DEFAULT_RANK_STRATEGY),
+        dict(id=volumes[0].GetID(), name="scan 0", rank=3, score="0.125", strategy=DEFAULT_RANK_STRATEGY)]
 
     volume, segmentation = annotate_top(scene, status)
     editor = segment_editor_node(scene)
@@ -145,3 +145,15 @@ def test_a_failed_or_impossible_ranking_is_said_in_one_line(mrml, tmp_path):
     trained.write_bytes(b"weights")
     assert model_to_rank([str(trained), str(model)]) == trained, "the finished training's model comes first"
     assert model_to_rank([None, str(model)]) == model
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("flip", "Ordered by 'flip': mean left-right flip disagreement (S) over the predicted foreground, highest "
+             "first."),
+    ("random", "Ordered by 'random': a seeded random order."),
+])
+def test_the_strategy_line_names_the_order_and_says_why_only_for_the_default(strategy, expected):
+    line = strategy_note(strategy)
+    assert line.startswith(expected)
+    assert line.endswith(RANK_DEFAULT_REASON) == (strategy == DEFAULT_RANK_STRATEGY)
+    assert line == expected or line == f"{expected} {RANK_DEFAULT_REASON}"

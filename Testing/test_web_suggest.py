@@ -10,10 +10,9 @@ import pytest
 from test_web_attacks import TINY, authenticated, run
 from web_client import Server, WslinkClient, trigger_names
 
-from isdnet.config import DEFAULT_RANK_STRATEGY
+from isdnet.config import DEFAULT_RANK_STRATEGY, RANK_DEFAULT_REASON
 from isdnet.phantoms import write_phantom_dataset
 from isdnet.rank import rank_images
-from ISDNetLib.suggestions import PROVISIONAL_NOTE
 
 
 @pytest.fixture
@@ -74,7 +73,7 @@ def test_suggest_next_ranks_the_unlabeled_volumes_with_the_trained_model(served)
             assert state["suggest_text"] == state["message"] and not state["message_error"]
             assert state["message"].startswith(f"Annotate '{expected[0].name}' next. Ordered by "
                                                f"'{DEFAULT_RANK_STRATEGY}'")
-            assert state["message"].endswith(PROVISIONAL_NOTE)
+            assert state["message"].endswith(RANK_DEFAULT_REASON)
 
             payload = "<img src=x onerror=alert(1)>"
             await attacker.set_state(suggestions=[{"name": payload, "rank": 1}], suggest_text=payload,

@@ -78,7 +78,7 @@ def _rank_parser(sub: argparse._SubParsersAction) -> None:
                    help="image files, folders of images, or dataset folders (their unlabeled cases)")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--strategy", choices=RANK_STRATEGIES, default=DEFAULT_RANK_STRATEGY,
-                   help=f"what orders the volumes (default: {DEFAULT_RANK_STRATEGY}, provisional until measured)")
+                   help=f"what orders the volumes (default: {DEFAULT_RANK_STRATEGY}; docs/active.md says why)")
     p.add_argument("--seed", type=int, default=0, help="the order of --strategy random")
     p.add_argument("--json", type=Path, help="also write the ranking here")
     _add_inference_arguments(p)

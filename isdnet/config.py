@@ -234,10 +234,11 @@ UNCERTAINTIES = ("confidence", "entropy", "flip")
 # predicted foreground whose D confidence is below LOW_CONFIDENCE), "combined" the mean rank over the available
 # signals, "random" a seeded random order (the benchmark's reference).
 RANK_STRATEGIES = (*UNCERTAINTIES, "combined", "random")
-# PROVISIONAL: not yet measured. isdnet-bench active measures each strategy's gain over random; the default is to
-# become the best measured one (docs/active.md).
+# The default is the strategy isdnet-bench active measures best against random, or random itself when none beats
+# it (docs/active.md); RANK_DEFAULT_REASON says why in one sentence, which the front ends show after the order.
 DEFAULT_RANK_STRATEGY = "entropy"
-RANK_STRATEGIES_MEASURED = False  # True once isdnet-bench active has measured the strategies (docs/active.md)
+RANK_DEFAULT_REASON = ("Provisional: which strategy helps most has not been measured yet (docs/active.md), so the "
+                       "default may change.")
 RANK_STRATEGY_TITLES = {"confidence": "share of low-confidence pixels (D) in the predicted foreground",
                         "entropy": "mean segmenter entropy (S) over the predicted foreground",
                         "flip": "mean left-right flip disagreement (S) over the predicted foreground",

@@ -2,8 +2,8 @@
 
 Each volume gets the scores of ``uncertainty.analyse`` (one pass of S, and D where the model has it); a strategy of
 ``config.RANK_STRATEGIES`` orders them: by one score, by ``combined`` (the mean over the signals of each volume's
-rank among the volumes, 0 lowest to 1 highest) or by ``random`` (seeded). The default is provisional until the
-benchmark (``isdnet-bench active``) has measured which strategy helps most (docs/active.md).
+rank among the volumes, 0 lowest to 1 highest) or by ``random`` (seeded). The default is the one the benchmark
+(``isdnet-bench active``) measures best (``config.RANK_DEFAULT_REASON``, docs/active.md).
 """
 
 from __future__ import annotations
