@@ -236,9 +236,9 @@ UNCERTAINTIES = ("confidence", "entropy", "flip")
 RANK_STRATEGIES = (*UNCERTAINTIES, "combined", "random")
 # The default is the strategy isdnet-bench active measures best against random, or random itself when none beats
 # it (docs/active.md); RANK_DEFAULT_REASON says why in one sentence, which the front ends show after the order.
-DEFAULT_RANK_STRATEGY = "entropy"
-RANK_DEFAULT_REASON = ("Provisional: which strategy helps most has not been measured yet (docs/active.md), so the "
-                       "default may change.")
+DEFAULT_RANK_STRATEGY = "random"
+RANK_DEFAULT_REASON = ("No uncertainty ranking beat a random pick on the hippocampus benchmark (paired seeds, "
+                       "docs/active.md), so the order is random.")
 RANK_STRATEGY_TITLES = {"confidence": "share of low-confidence pixels (D) in the predicted foreground",
                         "entropy": "mean segmenter entropy (S) over the predicted foreground",
                         "flip": "mean left-right flip disagreement (S) over the predicted foreground",
