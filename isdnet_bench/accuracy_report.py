@@ -158,17 +158,20 @@ def diagnostics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def interval_verdict(low: float, high: float, bound: float) -> str:
+    """Met or missed only when the whole 95% interval [low, high] lies on one side of ``bound`` (met at or above
+    it): with a few seeds, a mean on the right side of it is no result."""
+    if low >= bound:
+        return "**met**"
+    if high < bound:
+        return "**missed**"
+    return f"**undecided** (the interval holds {bound:+.1f})"
+
+
 def targets(summary: dict[str, Any], pairs: Sequence[dict[str, Any]]) -> list[str]:
     """The issue's targets, each checked on the measured cells; missing cells are said to be missing."""
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
-
-    def against_bound(p: dict[str, Any], bound: float) -> str:
-        """Met or missed only when the whole 95% interval lies on one side of the bound: with a few seeds, a mean
-        on the right side of it is no result."""
-        if p["low"] >= bound or p["high"] < bound:
-            return verdict(p["low"] >= bound)
-        return f"**undecided** (the interval holds {bound:+.1f})"
 
     def pair(key: str, method: str, against: str) -> Optional[dict[str, Any]]:
         return next((p for p in pairs if (p["key"], p["method"], p["against"]) == (key, method, against)), None)
@@ -185,7 +188,8 @@ def targets(summary: dict[str, Any], pairs: Sequence[dict[str, Any]]) -> list[st
         if key == FULL or p is None:
             continue
         if key == "1/2":
-            lines.append(f"- 1/2: isdnet - baseline >= -0.5: {shown(p)} {against_bound(p, -0.5)}")
+            lines.append(f"- 1/2: isdnet - baseline >= -0.5: {shown(p)} "
+                         f"{interval_verdict(p['low'], p['high'], -0.5)}")
         elif key in ("1/8", "1/16"):
             lines.append(f"- {key}: isdnet - baseline >= +1.8 with the interval above 0: {shown(p)} "
                          f"{verdict(p['mean'] >= 1.8 and p['low'] > 0)}")
@@ -194,7 +198,8 @@ def targets(summary: dict[str, Any], pairs: Sequence[dict[str, Any]]) -> list[st
         for method, against, need in (("isdnet", "hung", "> 0"), ("adv", "adv-classifier", ">= 0")):
             q = pair(key, method, against)
             if q is not None:
-                lines.append(f"- {key}: {method} - {against} {need}: {shown(q)} {against_bound(q, 0.0)}")
+                lines.append(f"- {key}: {method} - {against} {need}: {shown(q)} "
+                             f"{interval_verdict(q['low'], q['high'], 0.0)}")
     return lines
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .accuracy_report import mean_interval
+from .accuracy_report import interval_verdict, mean_interval
 from .records import finish_chart
 
 WITHIN = 0.01  # "within 1 Dice point" of the reference
@@ -81,19 +81,14 @@ def paired(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             precision=precision, seeds=seeds,
             against_reference=mean_interval([-c["behind_reference"] for c in candidates]),
             against_current=mean_interval([c["test_dice"] - r["test_dice"] for c, r in currents]) if currents else None,
-            current_seeds=len(currents), median_minutes=statistics.median(c["minutes"] for c in candidates),
+            median_minutes=statistics.median(c["minutes"] for c in candidates),
             converged=sum(c["reason"] == "converged" for c in candidates)))
     return result
 
 
 def within_verdict(mean: float, half: float) -> str:
-    """Whether a paired difference to the reference is within 1 point: met when its whole 95% interval lies at or
-    above -1 point, missed when it lies below, undecided when it holds -1 point."""
-    if mean - half >= -WITHIN:
-        return "**met**"
-    if mean + half < -WITHIN:
-        return "**missed**"
-    return f"**undecided** (the interval holds {-100 * WITHIN:+.1f})"
+    """Whether a paired difference to the reference (in Dice) is within 1 point, judged on its 95% interval."""
+    return interval_verdict(100 * (mean - half), 100 * (mean + half), -100 * WITHIN)
 
 
 def _difference(value: Optional[tuple[float, float]]) -> str:
