@@ -52,8 +52,9 @@ def test_study_cases_are_drawn_with_the_seed_and_disjoint(tmp_path):
         convergence.study_cases(cases, 10, 12, seed=0)
 
 
-def record(arm: str, dice: float, minutes: float, points, reason: str = "", seed: int = 0) -> dict:
-    return dict(name=f"{arm}_fp32_seed{seed}", arm=arm, precision="fp32", seed=seed, config=dict(seed=seed),
+def record(arm: str, dice: float, minutes: float, points, reason: str = "", seed: int = 0,
+           precision: str = "fp32") -> dict:
+    return dict(name=f"{arm}_{precision}_seed{seed}", arm=arm, precision=precision, seed=seed, config=dict(seed=seed),
                 reason=reason, epochs=10, steps=100,
                 train_minutes=minutes, test_dice=dice, best_val_dice=0.8, points=[
                     dict(epoch=e, minutes=m, val_dice=None, test_dice=d) for e, (m, d) in enumerate(points, 1)])
@@ -110,6 +111,31 @@ def test_paired_seeds_give_the_candidates_differences_with_intervals_and_judge_t
     slow = report.paired_lines(report.paired(report.summarise(seeds_of((0.8,) * 3, (0.8,) * 3, (0.7,) * 3,
                                                                         minutes=(20.0, 16.0, 14.0)))))
     assert "median 16.0 <= 15 min: **no**" in slow[-1]
+
+
+def test_bf16_is_paired_with_float32_by_seed_and_judged_against_half_a_point():
+    fp32 = seeds_of((0.80, 0.82, 0.81), (0.80, 0.82, 0.81), (0.7,) * 3)
+    # bf16 - fp32 of the candidates: -0.2, -0.2, -0.1 points: mean -0.167, sd 0.0577, half 4.303 * 0.0577 / sqrt(3)
+    # = 0.143; speed-ups 12 / 10, 14 / 10, 16 / 8: median 1.4
+    bf16 = [record("candidate", dice, minutes, [(minutes, dice)], seed=s, precision="bf16")
+            for s, (dice, minutes) in enumerate([(0.798, 10.0), (0.818, 10.0), (0.809, 8.0)])]
+    rows = report.summarise(fp32 + bf16)
+    (pair,) = report.precision_pairs(rows)
+    assert pair["arm"] == "candidate" and pair["seeds"] == [0, 1, 2]
+    assert pair["difference"] == pytest.approx((-0.001667, 0.001434), abs=1e-5)
+    assert (pair["fp32_minutes"], pair["bf16_minutes"], pair["speedup"]) == pytest.approx((14.0, 10.0, 1.4))
+    lines = report.precision_lines([pair])
+    assert "| candidate | 3 | -0.17 [-0.31, -0.02] | 14.0 | 10.0 | 1.40x |" in lines
+    assert lines[-1] == "- candidate over 3 seeds: bf16 within 0.5 point of float32: **met**"
+    worse = [dict(r, test_dice=r["test_dice"] - 0.02 + 0.001 * r["seed"]) for r in bf16]
+    (far,) = report.precision_pairs(report.summarise(fp32 + worse))
+    assert report.precision_lines([far])[-1].endswith("**missed**")
+    markdown = report.render_markdown(dict(meta=dict(dataset="d", commit="c", date="now", machine="m", command="x",
+                                                     labeled_cases=4, unlabeled_cases=12, test_cases=20,
+                                                     seeds=[0, 1, 2], wall_time_s=60, runs_done=12, runs_reused=0),
+                                           summary=rows, runs=fp32 + bf16))
+    assert "bf16 against float32, paired over seeds" in markdown
+    assert report.precision_pairs(report.summarise(fp32)) == [], "no bf16 runs, no pairs"
 
 
 def test_records_from_before_seeds_read_their_seed_from_the_config():

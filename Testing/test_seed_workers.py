@@ -36,3 +36,24 @@ echo done >> {tmp_path / "calls.txt"}
     for pid, args in calls:
         by_worker.setdefault(pid, []).append(int(args.split()[1]))
     assert sorted(by_worker.values()) == [[3, 7, 11], [5, 9]], "worker k takes seeds k, k + JOBS, ... in order"
+
+
+@pytest.mark.skipif(sys.platform == "win32" or shutil.which("bash") is None,
+                    reason="the CPU benchmark scripts are bash scripts for the build machines")
+def test_cpu_convergence_runs_each_seed_in_float32_then_its_bf16_candidate_then_the_paired_report(tmp_path):
+    calls = tmp_path / "calls.txt"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake_python.chmod(0o755)
+    environment = dict(PATH="/usr/bin:/bin", PYTHON=str(fake_python), SEEDS="0 1 2", JOBS="2",
+                       OUT=str(tmp_path / "out"), RECORDS=str(tmp_path / "records"), REPORT=str(tmp_path / "report"))
+    subprocess.run(["bash", str(ROOT / "isdnet_bench" / "cpu_convergence.sh")], check=True, timeout=60,
+                   env=environment)
+    lines = calls.read_text().splitlines()
+    common = (f"-m isdnet_bench convergence ../shared/data/hippocampus --out {tmp_path / 'out'} --records "
+              f"{tmp_path / 'records'} --threads 1 --steps 1200")
+    fp32 = {f"{common} --seeds {s} --report {tmp_path / 'out'}/seed{s}" for s in range(3)}
+    bf16 = {f"{common} --arms candidate --precision bf16 --seeds {s} --report {tmp_path / 'out'}/seed{s}"
+            for s in range(3)}
+    assert set(lines[:3]) == fp32 and set(lines[3:6]) == bf16, "every float32 seed before any bf16 candidate"
+    assert lines[6:] == [f"{common} --seeds 0 1 2 --precision fp32 bf16 --report {tmp_path / 'report'} --report-only"]

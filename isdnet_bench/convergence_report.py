@@ -1,6 +1,7 @@
 """The report of ``isdnet-bench convergence``: per run, the minutes to come within a point of the long reference,
 the final test Dice and the minutes in all; over paired seeds, the candidate against its reference and against the
-current defaults with 95% intervals; the issue's target checked, as Markdown and a PNG chart."""
+current defaults, and bf16 against float32, with 95% intervals; the issue's targets checked, as Markdown and a PNG
+chart."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .accuracy_report import interval_verdict, mean_interval
 from .records import finish_chart
 
 WITHIN = 0.01  # "within 1 Dice point" of the reference
+BF16_WITHIN = 0.005  # bf16 becomes the CPU default only where it matches float32 within half a point (issue 16)
 TARGET_MINUTES = 15.0  # the issue's budget on a laptop CPU (2 cores)
 
 
@@ -91,6 +93,41 @@ def within_verdict(mean: float, half: float) -> str:
     return interval_verdict(100 * (mean - half), 100 * (mean + half), -100 * WITHIN)
 
 
+def precision_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm, over the seeds run in both precisions: bf16's test Dice minus float32's (mean and 95% half-width,
+    in Dice), the median minutes of each and the median of the per-seed speed-ups (float32 minutes / bf16's)."""
+    by_run = {(r["arm"], r["seed"], r["precision"]): r for r in rows}
+    result = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        seeds = sorted(s for a, s, p in by_run if a == arm and p == "bf16" and (arm, s, "fp32") in by_run)
+        if not seeds:
+            continue
+        pairs = [(by_run[arm, s, "fp32"], by_run[arm, s, "bf16"]) for s in seeds]
+        result.append(dict(
+            arm=arm, seeds=seeds,
+            difference=mean_interval([bf16["test_dice"] - fp32["test_dice"] for fp32, bf16 in pairs]),
+            fp32_minutes=statistics.median(fp32["minutes"] for fp32, _ in pairs),
+            bf16_minutes=statistics.median(bf16["minutes"] for _, bf16 in pairs),
+            speedup=statistics.median(fp32["minutes"] / bf16["minutes"] for fp32, bf16 in pairs)))
+    return result
+
+
+def precision_lines(pairs: Sequence[dict[str, Any]]) -> list[str]:
+    """The bf16 against float32 table and, per arm, whether bf16 matches float32 within half a point."""
+    lines = ["| arm | seeds | bf16 - fp32 | fp32 minutes (median) | bf16 minutes (median) | speed-up (median) |",
+             "|---|---|---|---|---|---|"]
+    for pair in pairs:
+        lines.append(f"| {pair['arm']} | {len(pair['seeds'])} | {_difference(pair['difference'])} | "
+                     f"{pair['fp32_minutes']:.1f} | {pair['bf16_minutes']:.1f} | {pair['speedup']:.2f}x |")
+    lines.append("")
+    for pair in pairs:
+        mean, half = pair["difference"]
+        verdict = interval_verdict(100 * (mean - half), 100 * (mean + half), -100 * BF16_WITHIN)
+        lines.append(f"- {pair['arm']} over {len(pair['seeds'])} seeds: bf16 within {100 * BF16_WITHIN:g} point of "
+                     f"float32: {verdict}")
+    return lines
+
+
 def _difference(value: Optional[tuple[float, float]]) -> str:
     if value is None:
         return ""
@@ -147,6 +184,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if any(len(pair["seeds"]) > 1 for pair in pairs):
         lines += ["", "Paired over seeds (test Dice points, mean and 95% interval; a seed fixes the cases and the "
                   "initial weights of every arm):", "", *paired_lines(pairs)]
+    precisions = precision_pairs(rows)
+    if any(len(pair["seeds"]) > 1 for pair in precisions):
+        lines += ["", "bf16 against float32, paired over seeds (test Dice points, mean and 95% interval):", "",
+                  *precision_lines(precisions)]
     lines += ["", "Targets (from issue 16), run by run:", "", *(target_lines(rows) or ["- no candidate run"]), ""]
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 # resumable across sessions and machines:
 #   isdnet_bench/cpu_convergence.sh            (from the repository root; DATASET=... for another copy of the data)
 # Worker k of JOBS trains seeds k, k + JOBS, ... one thread each, the three arms of a seed in order (current,
-# candidate, reference: about 15 + 11 + 41 minutes on one core). Each finished run leaves its small JSON record in
+# candidate, reference: about 15 + 11 + 41 minutes on one core); then the candidate of every seed again in bf16
+# (the paired bf16 - float32 table that decides the CPU's training precision). Each finished run leaves its small JSON record in
 # $RECORDS (commit them, never the models); one cut off mid-training resumes from its checkpoint in $OUT when that
 # folder is still there. When every worker is done, the paired report is rebuilt from all the records. To stop it,
 # send SIGTERM to its whole process group (started with setsid: kill -TERM -- -PID).
@@ -22,5 +23,9 @@ convergence() {
     nice -n 5 "$PYTHON" -m isdnet_bench convergence "$DATASET" --out "$OUT" --records "$RECORDS" --threads 1 \
         --steps 1200 "$@"
 }
+bf16_candidate() {
+    convergence --arms candidate --precision bf16 "$@"
+}
 each_seed convergence
-convergence --seeds "${SEEDS[@]}" --report "$REPORT" --report-only
+each_seed bf16_candidate
+convergence --seeds "${SEEDS[@]}" --precision fp32 bf16 --report "$REPORT" --report-only
